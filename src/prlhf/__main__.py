@@ -1,0 +1,3 @@
+from prlhf.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""One typed config per command. YAML files and CLI flags fill the same dataclass; unknown keys and wrong
+types are rejected with a one-line error."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from prlhf.users.models import USER_MODELS
+
+
+# The random-init tiny model needs a higher rate than a pretrained LM, and a warm-up to write at all.
+TINY_LR = 1e-3
+TINY_SFT_STEPS = 300
+
+
+class ConfigError(ValueError):
+    """A bad config file or flag value; the message is one line."""
+
+
+def _meta(help: str, **kw):
+    return field(metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    data: str = _meta("training data: .jsonl/.json/.csv/.parquet or a `datasets` folder (DIR or DIR::SPLIT)",
+                      default="")
+    out: str = _meta("run directory to write (adapter, user model, registry, config, metrics, checkpoints)",
+                     default="")
+    model: str = _meta("'tiny' (built-in random-init LM, tokenizer trained on the data) or a hub id / local "
+                       "folder of any causal LM", default="tiny")
+    user_model: str = _meta(f"user model: {' | '.join(USER_MODELS)} (uniform = vanilla DPO)", default="individual")
+    user_tokens: int = _meta("T_u, soft tokens per user", default=10)
+    clusters: int = _meta("K, prototypes of the cluster user model", default=4)
+    user_init: str = _meta("soft-token init: vocab (random vocabulary embeddings) | uniform | zeros",
+                           default="vocab")
+    alpha: float = _meta("weight of the user's term; 1 - alpha goes to the generic user e_0", default=0.5)
+    beta: float = _meta("DPO temperature beta", default=0.5)
+    loss: str = _meta("preference loss l: dpo (P-DPO)", default="dpo")
+    epochs: float = _meta("passes over the training pairs", default=3.0)
+    max_steps: int = _meta("stop after this many optimizer steps (0 = no limit)", default=0)
+    batch_size: int = _meta("pairs per optimizer step (per process, before accumulation)", default=16)
+    grad_accum: int = _meta("gradient accumulation steps", default=1)
+    lr: float = _meta("learning rate of the LM adapters (0 = 1e-3 for tiny, 5e-5 otherwise)", default=0.0)
+    user_lr: float = _meta("learning rate of the user model (0 = 30x lr: soft tokens move slowly at the LM's rate)",
+                           default=0.0)
+    weight_decay: float = _meta("AdamW weight decay of the adapters (the user model gets none)", default=0.0)
+    warmup_ratio: float = _meta("share of steps with linear warm-up before the cosine decay", default=0.1)
+    max_grad_norm: float = _meta("gradient clipping norm (0 = off)", default=1.0)
+    seed: int = _meta("random seed (model init, data order, dropout)", default=0)
+    lora_r: int = _meta("LoRA rank", default=8)
+    lora_alpha: int = _meta("LoRA alpha", default=16)
+    lora_dropout: float = _meta("LoRA dropout", default=0.05)
+    lora_targets: str = _meta("LoRA target modules: 'all-linear' or comma-separated module names",
+                              default="all-linear")
+    max_length: int = _meta("max prompt + response tokens (user tokens come on top)", default=512)
+    max_prompt_length: int = _meta("max prompt tokens (kept from the end)", default=256)
+    use_user_text: bool = _meta("put each record's user_text before its prompt (explicit preferences)",
+                                default=True)
+    sft_steps: int = _meta("supervised warm-up steps on the responses before DPO (-1 = 300 for tiny, 0 "
+                           "otherwise)", default=-1)
+    mixed_precision: str = _meta("auto | no | bf16 | fp16 (auto = bf16 on a GPU that supports it)", default="auto")
+    save_steps: int = _meta("checkpoint every N optimizer steps (0 = once per epoch)", default=0)
+    keep_checkpoints: int = _meta("how many recent checkpoints to keep", default=2)
+    log_steps: int = _meta("log metrics every N optimizer steps", default=10)
+    threads: int = _meta("torch CPU threads (0 = torch's default)", default=0)
+    resume: bool = _meta("continue from the last checkpoint in --out", default=False)
+
+    def validate(self) -> "TrainConfig":
+        if not self.data:
+            raise ConfigError("train: --data is required")
+        if not self.out:
+            raise ConfigError("train: --out is required")
+        checks = [
+            (self.user_model in USER_MODELS, f"user_model must be one of {', '.join(USER_MODELS)}"),
+            (self.user_init in ("vocab", "uniform", "zeros"), "user_init must be vocab, uniform or zeros"),
+            (self.loss == "dpo", "loss must be 'dpo'"),
+            (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
+            (self.beta > 0, "beta must be > 0"),
+            (self.user_tokens >= 1, "user_tokens must be >= 1"),
+            (self.clusters >= 1, "clusters must be >= 1"),
+            (self.epochs > 0, "epochs must be > 0"),
+            (self.max_steps >= 0, "max_steps must be >= 0"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.lr >= 0 and self.user_lr >= 0, "learning rates must be >= 0"),
+            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
+            (self.max_length > self.max_prompt_length > 0, "need max_length > max_prompt_length > 0"),
+            (self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision must be auto/no/bf16/fp16"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"train: {message}")
+        return self
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == "tiny"
+
+    def resolved_lr(self) -> float:
+        return self.lr or (TINY_LR if self.is_tiny else 5e-5)
+
+    def resolved_user_lr(self) -> float:
+        return self.user_lr or 30 * self.resolved_lr()
+
+    def resolved_sft_steps(self) -> int:
+        return (TINY_SFT_STEPS if self.is_tiny else 0) if self.sft_steps < 0 else self.sft_steps
+
+
+def field_type(cfg_cls, name: str) -> type:
+    hints = typing.get_type_hints(cfg_cls)
+    t = hints[name]
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def coerce(cfg_cls, name: str, value, source: str):
+    """Check a value from YAML against the field's type (ints are accepted for floats, nothing else)."""
+    t = field_type(cfg_cls, name)
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: key '{name}': expected {t.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config_file(cfg_cls, path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    out = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(names))})")
+        out[key] = coerce(cfg_cls, key, value, str(path))
+    return out
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

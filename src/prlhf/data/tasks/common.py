@@ -1,0 +1,128 @@
+"""Shared pieces of the built-in synthetic tasks: the `Task` container and user/pole helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from prlhf.data.schema import PreferenceRecord
+
+
+@dataclass
+class Task:
+    """A generated multi-user preference task: train/test records plus the ground-truth user profiles."""
+
+    name: str
+    train: list[PreferenceRecord]
+    test: list[PreferenceRecord]
+    users: dict[str, dict]  # user_id -> {"seen": bool, ...task-specific keys}
+    meta: dict = field(default_factory=dict)  # builder parameters + seed
+
+    @property
+    def seen_users(self) -> list[str]:
+        return [u for u, info in self.users.items() if info["seen"]]
+
+    @property
+    def unseen_users(self) -> list[str]:
+        return [u for u, info in self.users.items() if not info["seen"]]
+
+    def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write `train.jsonl`, `test.jsonl` and `users.json` into `out_dir`; returns {"train"|"test"|"users": path}.
+
+        Each file is written under a temporary name in the same folder and then `os.replace`d, so a reader
+        never sees a half-written file (the replace is atomic on one filesystem).
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "users": out / "users.json"}
+        _atomic_write(paths["train"], "".join(_jsonl_line(r) for r in self.train))
+        _atomic_write(paths["test"], "".join(_jsonl_line(r) for r in self.test))
+        doc = {"task": self.name, "meta": self.meta, "users": self.users}
+        _atomic_write(paths["users"], json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        return paths
+
+
+def record_to_dict(record: PreferenceRecord) -> dict[str, Any]:
+    """The JSON form of a record; `user_text` is omitted when None (keeps files minimal and loader-friendly)."""
+    d: dict[str, Any] = {
+        "user_id": record.user_id,
+        "prompt": record.prompt,
+        "chosen": record.chosen,
+        "rejected": record.rejected,
+    }
+    if record.user_text is not None:
+        d["user_text"] = record.user_text
+    return d
+
+
+def _jsonl_line(record: PreferenceRecord) -> str:
+    return json.dumps(record_to_dict(record), ensure_ascii=False) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        # never leave a stray temp file behind on failure
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def assign_poles(
+    n: int,
+    majority_share: float,
+    rng: random.Random | int,
+    poles: tuple[str, str] = ("majority", "minority"),
+) -> list[str]:
+    """Give each of `n` users `poles[0]` with probability `majority_share`, else `poles[1]`.
+
+    Draws are independent, so the realised share varies around `majority_share`; when n >= 2 and the draw
+    came out one-sided, one randomly picked user is flipped so both poles exist (a task whose users all
+    agree cannot test personalization).
+    """
+    if not 0.0 <= majority_share <= 1.0:
+        raise ValueError(f"majority_share must be in [0, 1], got {majority_share}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+    out = [poles[0] if rng.random() < majority_share else poles[1] for _ in range(n)]
+    if n >= 2 and len(set(out)) == 1:
+        missing = poles[1] if out[0] == poles[0] else poles[0]
+        out[rng.randrange(n)] = missing
+    return out
+
+
+def make_user_ids(prefix: str, n: int) -> list[str]:
+    """`prefix_01`, `prefix_02`, ... (zero-padded to at least 2 digits so ids sort naturally)."""
+    width = max(2, len(str(n)))
+    return [f"{prefix}_{i:0{width}d}" for i in range(1, n + 1)]
+
+
+def split_items(items: Sequence[Any], test_fraction: float, rng: random.Random) -> tuple[list, list]:
+    """Shuffle `items` and split into (train, test) with round(test_fraction * n) items in test (both non-empty)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if len(items) < 2:
+        raise ValueError(f"need at least 2 prompts to split into train and test, got {len(items)}")
+    shuffled = list(items)
+    rng.shuffle(shuffled)
+    n_test = min(max(1, round(test_fraction * len(shuffled))), len(shuffled) - 1)
+    return shuffled[n_test:], shuffled[:n_test]
+
+
+def sample_per_user(pool: Sequence[Any], k: int | None, rng: random.Random, what: str) -> list:
+    """All of `pool` (k None) or a random sample of k items without replacement."""
+    if k is None:
+        return list(pool)
+    if k < 0 or k > len(pool):
+        raise ValueError(f"{what}={k} must be between 0 and the {len(pool)} available prompts")
+    return rng.sample(list(pool), k)

@@ -1,0 +1,44 @@
+"""Loading a base causal LM and its tokenizer, and wrapping it with LoRA adapters (PEFT)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# PEFT's "all-linear" targets every linear layer but the output head: attention and MLP projections on any
+# architecture, which is what the authors adapted (r=8, alpha=16, dropout=0.05).
+DEFAULT_LORA_TARGETS = "all-linear"
+
+
+def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
+              **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any Hugging Face causal LM (hub id or local folder) and its tokenizer, with a pad token guaranteed."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    ensure_pad_token(tokenizer, model)
+    return model, tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:
+    # Padding positions are always masked out, so reusing EOS as pad (GPT-2 style) is harmless.
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; cannot batch sequences")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; responses need one to end")
+    if model is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def add_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, dropout: float = 0.05,
+             target_modules: str | list[str] = DEFAULT_LORA_TARGETS) -> PeftModel:
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

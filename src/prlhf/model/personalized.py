@@ -1,0 +1,103 @@
+"""The personalized LM (P-RLHF.md §3): a user's T_u soft tokens go into `inputs_embeds` right after BOS.
+
+    tokens:    [BOS] [u_1 ... u_T] [prompt ...] [response ...] [pad ...]
+    attention:   1      1 ... 1        1            1            0
+    labels:    -100   -100 ...       -100       response ids    -100
+
+The reference policy is the same base with the LoRA adapters disabled and no user tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedModel
+
+from prlhf.model.logprobs import IGNORE_INDEX, sequence_logps
+from prlhf.users.models import UserModel
+
+
+class PersonalizedLM(nn.Module):
+    def __init__(self, lm: PreTrainedModel | PeftModel, user_model: UserModel, prefix_len: int):
+        super().__init__()
+        self.lm = lm
+        self.user_model = user_model
+        self.prefix_len = prefix_len  # 1 when sequences start with BOS (user tokens go after it), else 0
+
+    @property
+    def num_user_tokens(self) -> int:
+        return self.user_model.num_tokens
+
+    def insert_user_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+                           user_idx: torch.Tensor | None):
+        """(S, L) ids -> (S, L + T_u, d) embeddings with the users' soft tokens after the prefix."""
+        embeds = self.lm.get_input_embeddings()(input_ids)  # (S, L, d)
+        if user_idx is None or self.num_user_tokens == 0:
+            return embeds, attention_mask, labels
+        soft = self.user_model(user_idx).to(embeds.dtype)  # (S, T_u, d)
+        s, t, b = input_ids.shape[0], soft.shape[1], self.prefix_len
+        embeds = torch.cat([embeds[:, :b], soft, embeds[:, b:]], dim=1)
+        ones = attention_mask.new_ones(s, t)
+        attention_mask = torch.cat([attention_mask[:, :b], ones, attention_mask[:, b:]], dim=1)
+        if labels is not None:
+            labels = torch.cat([labels[:, :b], labels.new_full((s, t), IGNORE_INDEX), labels[:, b:]], dim=1)
+        return embeds, attention_mask, labels
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                user_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed response log-probs (S,) for right-padded sequences (S, L), each with its user's tokens
+        (user_idx (S,)) or none (user_idx None)."""
+        embeds, mask, labels = self.insert_user_tokens(input_ids, attention_mask, labels, user_idx)
+        # Right padding: positions count real tokens only, so user tokens shift the prompt's positions by T_u.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                         use_cache=False).logits
+        return sequence_logps(logits, labels)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """pi_ref: adapters off (a full fine-tune has no adapters: callers keep a frozen copy instead)."""
+        if isinstance(self.lm, PeftModel):
+            with self.lm.disable_adapter():
+                yield
+        else:
+            yield
+
+    @torch.no_grad()
+    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        labels: torch.Tensor) -> torch.Tensor:
+        with self.reference():
+            return self.forward(input_ids, attention_mask, labels, user_idx=None)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], user_idx: torch.Tensor | None, pad_token_id: int,
+                 eos_token_id: int, max_new_tokens: int = 64, **generate_kwargs) -> list[list[int]]:
+        """Generate for several users in one batch through `generate` (KV cache on unless told otherwise).
+
+        Prompts are left-padded after the user tokens are inserted, so every row ends at the same position.
+        Returns the new token ids of each row, cut after the first EOS.
+        """
+        device = self.lm.get_input_embeddings().weight.device
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompt_ids):  # right-pad first; rows are re-aligned to the left below
+            ids[row, :len(p)] = torch.tensor(list(p), device=device)
+            mask[row, :len(p)] = 1
+        idx = None if user_idx is None else user_idx.to(device)
+        embeds, mask, _ = self.insert_user_tokens(ids, mask, None, idx)
+        lengths = mask.sum(-1)
+        shift = mask.shape[1] - lengths  # (B,) roll each row right so its padding sits on the left
+        order = (torch.arange(mask.shape[1], device=device)[None, :] - shift[:, None]) % mask.shape[1]
+        embeds = torch.gather(embeds, 1, order[..., None].expand_as(embeds))
+        mask = torch.gather(mask, 1, order)
+        out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               pad_token_id=pad_token_id, eos_token_id=eos_token_id, **generate_kwargs)
+        results = []
+        for row in out.tolist():
+            results.append(row[:row.index(eos_token_id) + 1] if eos_token_id in row else row)
+        return results

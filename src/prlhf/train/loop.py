@@ -1,0 +1,171 @@
+"""The P-DPO training loop, written out plainly on Accelerate: forward, loss, backward, step, log, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from prlhf.config import ConfigError, TrainConfig, to_yaml
+from prlhf.data.loading import load_records
+from prlhf.data.tokenize import PairBatch, adds_bos
+from prlhf.losses import p_dpo_loss
+from prlhf.model.loading import add_lora
+from prlhf.model.personalized import PersonalizedLM
+from prlhf.model.run_dir import save_run
+from prlhf.train.batching import EpochBatchSampler, PairCollator
+from prlhf.train.checkpoint import load_latest_checkpoint, save_checkpoint, trainable_only_hook
+from prlhf.train.metrics import PerUserAccuracy, batch_metrics, mean_of
+from prlhf.train.reference import compute_reference_logps
+from prlhf.train.setup import build_optimizer, prepare_base
+from prlhf.users.models import build_user_model
+from prlhf.users.registry import UserRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume or not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if (run_dir / "checkpoints").is_dir() and not (run_dir / "run.json").exists():
+        raise ConfigError(f"{run_dir}: holds an unfinished run; pass --resume to continue it, or choose another --out")
+    raise ConfigError(f"{run_dir}: already exists and is not empty; choose another --out")
+
+
+def policy_logps(model, batch: PairBatch, with_user_tokens: bool, with_generic: bool):
+    """One forward for chosen, rejected and (alpha < 1) their generic copies: (user_c, user_r, gen_c, gen_r)."""
+    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels  # (2B, L) chosen rows then rejected
+    if not with_user_tokens:
+        chosen, rejected = model(ids, mask, labels, None).chunk(2)
+        return chosen, rejected, None, None
+    users = batch.user_idx.repeat(2)  # (2B,)
+    if with_generic:  # every pair a second time with the generic user e_0 (index 0)
+        ids, mask, labels = ids.repeat(2, 1), mask.repeat(2, 1), labels.repeat(2, 1)
+        users = torch.cat([users, torch.zeros_like(users)])
+    logps = model(ids, mask, labels, users)
+    user_c, user_r, *generic = logps.chunk(4 if with_generic else 2)
+    return (user_c, user_r, *generic) if with_generic else (user_c, user_r, None, None)
+
+
+def train(config: TrainConfig, show_progress: bool = True) -> dict:
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_dir = Path(config.out)
+    check_run_dir(run_dir, config.resume)
+    records = load_records(config.data)  # validates everything before anything is written
+    mixed = config.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum)
+    is_main, show = accelerator.is_main_process, show_progress and accelerator.is_main_process
+    set_seed(config.seed)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+    accelerator.wait_for_everyone()
+
+    base, tokenizer, pairs = prepare_base(config, records, run_dir, is_main, show)
+    registry = UserRegistry.from_records(records)
+    user_model = build_user_model(config.user_model, len(registry), config.user_tokens, base.config.hidden_size,
+                                  num_clusters=config.clusters, init=config.user_init, seed=config.seed,
+                                  input_embeddings=base.get_input_embeddings().weight)
+    targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
+    lm = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+    model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer))).to(accelerator.device)
+    ref_chosen, ref_rejected = compute_reference_logps(model, pairs, tokenizer.pad_token_id,
+                                                       show_progress=show)  # (N,), (N,)
+
+    with_users = user_model.num_tokens > 0
+    alpha = config.alpha if with_users else 1.0  # uniform: l(e_u) = l(e_0), the split changes nothing
+    sampler = EpochBatchSampler(len(pairs), config.batch_size, config.seed)
+    # Its own generator: creating a loader iterator draws a base seed, which must not consume the global RNG
+    # that dropout uses (or a resumed run would see different dropout masks).
+    loader = DataLoader(list(range(len(pairs))), batch_sampler=sampler,
+                        collate_fn=PairCollator(pairs, registry, tokenizer.pad_token_id),
+                        generator=torch.Generator().manual_seed(config.seed))
+    steps_per_epoch = math.ceil(len(sampler) / config.grad_accum)
+    total_steps = math.ceil(config.epochs * steps_per_epoch)
+    total_steps = min(total_steps, config.max_steps) if config.max_steps else total_steps
+    optimizer = build_optimizer(model, config)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand once per optimizer step
+    accelerator.register_save_state_pre_hook(trainable_only_hook)
+    ref_chosen, ref_rejected = ref_chosen.to(accelerator.device), ref_rejected.to(accelerator.device)
+
+    step, epoch, skip = 0, 0, 0
+    state = load_latest_checkpoint(accelerator, run_dir) if config.resume else None
+    if state:
+        step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+        logger.info("resumed from step %d (epoch %d)", step, epoch)
+    elif config.resume:
+        logger.info("--resume: no checkpoint in %s, starting from scratch", run_dir)
+    save_every = config.save_steps or steps_per_epoch
+    log_path = run_dir / "metrics.jsonl"
+    bar = tqdm(total=total_steps, initial=step, desc="P-DPO" if with_users else "DPO", disable=not show)
+    start, window, per_user = time.time(), [], PerUserAccuracy()
+    model.train()
+    while step < total_steps:
+        loader.set_epoch(epoch)  # the prepared loader passes it to our sampler (and would override a direct call)
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batches_in_epoch, batch in enumerate(epoch_loader, start=skip + 1):
+            with accelerator.accumulate(model):
+                user_c, user_r, gen_c, gen_r = policy_logps(model, batch, with_users, alpha < 1.0)
+                idx = batch.example_idx
+                out, generic = p_dpo_loss(user_c, user_r, gen_c, gen_r, ref_chosen[idx], ref_rejected[idx],
+                                          beta=config.beta, alpha=alpha)
+                accelerator.backward(out.losses.mean())
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(batch_metrics(out, user_c, user_r, generic))
+            per_user.update(batch.user_idx.cpu(), (out.chosen_rewards - out.rejected_rewards).cpu())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update()
+            if step % config.log_steps == 0 or step == total_steps:
+                row = {"step": step, "epoch": epoch + batches_in_epoch / len(loader), **mean_of(window),
+                       **per_user.summary("train_users"), "lr": scheduler.get_last_lr()[0],
+                       "elapsed_s": time.time() - start}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
+                if is_main:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                window = []
+            if step % save_every == 0 or step == total_steps:
+                save_checkpoint(accelerator, run_dir, step, {"step": step, "epoch": epoch,
+                                                             "batches_in_epoch": batches_in_epoch},
+                                config.keep_checkpoints)
+            if step >= total_steps:
+                break
+        else:
+            epoch, skip, per_user = epoch + 1, 0, PerUserAccuracy()
+            continue
+        break
+    bar.close()
+
+    summary = {"steps": step, "train_seconds": round(time.time() - start, 2), "n_pairs": len(pairs),
+               "n_users": len(registry), "user_model": config.user_model, "model": config.model}
+    accelerator.wait_for_everyone()
+    if is_main:
+        save_run(run_dir, accelerator.unwrap_model(model), tokenizer, registry, summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from prlhf.users.models import build_user_model, user_model_from_config
+from prlhf.users.registry import GENERIC_INDEX, UserRegistry
+
+
+def test_registry_maps_sorted_ids_to_1_based_and_unknown_to_generic(tmp_path, caplog):
+    class R:  # minimal record
+        def __init__(self, u):
+            self.user_id = u
+
+    reg = UserRegistry.from_records([R("bob"), R("alice"), R("bob")])
+    assert reg.index("alice") == 1 and reg.index("bob") == 2 and len(reg) == 2
+    with caplog.at_level("INFO"):
+        assert reg.index("carol") == GENERIC_INDEX == 0
+        reg.index("carol")
+    assert sum("carol" in m for m in caplog.messages) == 1  # one notice per unseen user, not per lookup
+    reg.save(tmp_path / "users.json")
+    again = UserRegistry.load(tmp_path / "users.json")
+    assert again.user_ids == ["alice", "bob"] and again.index("bob") == 2
+    assert torch.equal(again.indices(["bob", "zed", "alice"]), torch.tensor([2, 0, 1]))
+
+
+def test_individual_is_generic_plus_offset():
+    emb = torch.randn(50, 8)
+    um = build_user_model("individual", 3, 2, 8, input_embeddings=emb, seed=0)
+    out = um(torch.tensor([0, 1, 3]))  # (B, T_u, d)
+    assert out.shape == (3, 2, 8)
+    assert torch.equal(out[0], um.generic.detach())
+    assert torch.allclose(out[1], um.generic + um.offsets.weight[1].view(2, 8))
+    # vocab init: the generic tokens are copies of real vocabulary rows
+    assert all(any(torch.equal(row, e) for e in emb) for row in um.generic.detach())
+
+
+def test_individual_gradient_reaches_only_batch_users_and_generic():
+    um = build_user_model("individual", 4, 2, 8, init="uniform")
+    um(torch.tensor([2, 0])).sum().backward()
+    grad = um.offsets.weight.grad
+    assert grad[2].abs().sum() > 0
+    assert torch.equal(grad[[0, 1, 3, 4]], torch.zeros(4, 16))  # generic row has no offset; others untouched
+    assert um.generic.grad.abs().sum() > 0
+
+
+def test_cluster_mixes_prototypes_with_softmax_weights():
+    um = build_user_model("cluster", 5, 3, 4, num_clusters=2, init="uniform", seed=1)
+    idx = torch.tensor([0, 4])
+    w = torch.softmax(um.weights.weight[idx], -1)
+    expected = w[:, 0, None, None] * um.prototypes[0] + w[:, 1, None, None] * um.prototypes[1]
+    assert torch.allclose(um(idx), expected)
+
+
+def test_uniform_has_no_tokens():
+    um = build_user_model("uniform", 5, 10, 4)
+    assert um.num_tokens == 0 and um(torch.tensor([1, 2])).shape == (2, 0, 4)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "individual", "cluster"])
+def test_config_round_trip(kind):
+    um = build_user_model(kind, 3, 2, 4, num_clusters=3, init="uniform")
+    again = user_model_from_config(um.config())
+    again.load_state_dict(um.state_dict())
+    idx = torch.tensor([0, 1, 2, 3])
+    assert torch.equal(again(idx), um(idx))
+
+
+def test_unknown_kind_and_init():
+    with pytest.raises(ValueError, match="unknown user model"):
+        build_user_model("bogus", 1, 1, 4)
+    with pytest.raises(ValueError, match="unknown init"):
+        build_user_model("individual", 1, 1, 4, init="bogus")
