@@ -131,3 +131,27 @@ def test_cached_generation_is_faster(tiny_tokenizer):
 
     model.generate(prompts, users, **kw)  # warm-up
     assert timed() < timed(use_cache=False)
+
+
+def test_without_bos_user_tokens_go_first(tiny_tokenizer):
+    """GPT-2-style tokenizers add no BOS: the user tokens then open the sequence."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    assert not adds_bos(tok)
+    model = make("gpt2", tok)
+    assert model.prefix_len == 0
+    pairs = encode_records(RECORDS, tok)
+    assert pairs[0].prompt_ids[0] != tok.bos_token_id
+    batch = collate_pairs(pairs, torch.tensor([1, 2]), torch.tensor([0, 1]), tok.pad_token_id)
+    users = torch.tensor([1, 2, 1, 2])
+    embeds, mask, labels = model.insert_user_tokens(batch.input_ids, batch.attention_mask, batch.labels, users)
+    assert torch.equal(embeds[:, :3], model.user_model(users))
+    assert torch.equal(labels[:, 3:], batch.labels)
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=8, do_sample=False)
+    prompts = [p.prompt_ids for p in pairs]
+    assert model.generate(prompts, torch.tensor([1, 2]), **kw) == model.generate(prompts, torch.tensor([1, 2]),
+                                                                                  use_cache=False, **kw)

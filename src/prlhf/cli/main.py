@@ -71,7 +71,10 @@ def cmd_data_build(args) -> int:
               "seed": args.seed}
     if args.task == "style":
         kwargs["with_user_text"] = args.with_user_text
-    task = TASKS[args.task](**{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        task = TASKS[args.task](**{k: v for k, v in kwargs.items() if v is not None})
+    except ValueError as exc:  # the builders check their sizes and shares
+        raise ConfigError(f"data build {args.task}: {exc}") from None
     paths = task.write(args.out)
     print(f"{args.task}: {len(task.train)} train pairs, {len(task.test)} test pairs, {len(task.users)} users -> "
           + ", ".join(str(p) for p in paths.values()))
