@@ -114,12 +114,28 @@ def test_greedy_generation_follows_training_logps(tiny_tokenizer):
     assert predicted == new
 
 
+def test_uncached_generation_really_recomputes_everything(tiny_tokenizer):
+    """Guard against a vacuous comparison: transformers ignores use_cache=False for inputs_embeds."""
+    model = make("llama", tiny_tokenizer)
+    tok = tiny_tokenizer
+    widths = []
+    hook = model.lm.get_base_model().model.register_forward_pre_hook(
+        lambda mod, args, kw: widths.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    prompt = tok("Summarize: the quiet cat").input_ids
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=4, min_new_tokens=4)
+    model.generate([prompt], torch.tensor([1]), use_cache=False, **kw)
+    hook.remove()
+    start = len(prompt) + model.num_user_tokens
+    assert widths == [start, start + 1, start + 2, start + 3]
+
+
 def test_cached_generation_is_faster(tiny_tokenizer):
     model = make("llama", tiny_tokenizer, tokens=10)
     tok = tiny_tokenizer
     prompts = [tok("Summarize: the quiet cat carried a map behind the school").input_ids] * 4
     users = torch.tensor([1, 2, 1, 2])
-    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=-1, max_new_tokens=96, do_sample=False)
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=128,
+              min_new_tokens=128, do_sample=False)
 
     def timed(**extra):
         times = []

@@ -95,9 +95,38 @@ class PersonalizedLM(nn.Module):
         order = (torch.arange(mask.shape[1], device=device)[None, :] - shift[:, None]) % mask.shape[1]
         embeds = torch.gather(embeds, 1, order[..., None].expand_as(embeds))
         mask = torch.gather(mask, 1, order)
-        out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                               pad_token_id=pad_token_id, eos_token_id=eos_token_id, **generate_kwargs)
+        if generate_kwargs.pop("use_cache", True) is False:
+            # transformers always caches when generating from inputs_embeds, so the uncached path is ours
+            out = self._greedy_without_cache(embeds, mask, eos_token_id, pad_token_id, max_new_tokens,
+                                             generate_kwargs.pop("min_new_tokens", 0), **generate_kwargs)
+        else:
+            out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   pad_token_id=pad_token_id, eos_token_id=eos_token_id, **generate_kwargs)
         results = []
         for row in out.tolist():
             results.append(row[:row.index(eos_token_id) + 1] if eos_token_id in row else row)
         return results
+
+    def _greedy_without_cache(self, embeds: torch.Tensor, mask: torch.Tensor, eos_token_id: int, pad_token_id: int,
+                              max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False) -> torch.Tensor:
+        """Greedy decoding that re-runs the whole sequence at every step (what the authors' code did, with the
+        cache off): quadratic, kept as the reference that cached generation is tested and timed against."""
+        if do_sample:
+            raise ValueError("use_cache=False supports greedy decoding only")
+        embed = self.lm.get_input_embeddings()
+        done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                             use_cache=False).logits[:, -1]  # (B, V)
+            if step < min_new_tokens:
+                logits[:, eos_token_id] = float("-inf")
+            token = logits.argmax(-1).masked_fill(done, pad_token_id)  # (B,)
+            new_tokens.append(token)
+            done |= token == eos_token_id
+            if done.all():
+                break
+            embeds = torch.cat([embeds, embed(token)[:, None].to(embeds.dtype)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return torch.stack(new_tokens, dim=1)  # (B, new)

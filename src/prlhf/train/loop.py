@@ -75,7 +75,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
         (run_dir / "config.yaml").write_text(to_yaml(config))
     accelerator.wait_for_everyone()
 
-    base, tokenizer, pairs = prepare_base(config, records, run_dir, is_main, show)
+    base, tokenizer, pairs = prepare_base(config, records, run_dir, is_main, show, accelerator.device)
     registry = UserRegistry.from_records(records)
     user_model = build_user_model(config.user_model, len(registry), config.user_tokens, base.config.hidden_size,
                                   num_clusters=config.clusters, init=config.user_init, seed=config.seed,
@@ -83,8 +83,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
     lm = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer))).to(accelerator.device)
-    ref_chosen, ref_rejected = compute_reference_logps(model, pairs, tokenizer.pad_token_id,
-                                                       show_progress=show)  # (N,), (N,)
+    with accelerator.autocast():  # the same precision as the policy's forward passes
+        ref_chosen, ref_rejected = compute_reference_logps(model, pairs, tokenizer.pad_token_id,
+                                                           show_progress=show)  # (N,), (N,)
 
     with_users = user_model.num_tokens > 0
     alpha = config.alpha if with_users else 1.0  # uniform: l(e_u) = l(e_0), the split changes nothing

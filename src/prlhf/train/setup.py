@@ -37,7 +37,7 @@ def encode(config: TrainConfig, records, tokenizer) -> list[EncodedPair]:
 
 
 def prepare_base(config: TrainConfig, records: Sequence[PreferenceRecord], run_dir: Path, is_main: bool,
-                 show_progress: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[EncodedPair]]:
+                 show_progress: bool, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[EncodedPair]]:
     """The base LM (= the reference policy) and the encoded training pairs.
 
     The tiny model is built from the data and warmed up; a warmed-up base is saved to RUN_DIR/base, so the
@@ -55,6 +55,7 @@ def prepare_base(config: TrainConfig, records: Sequence[PreferenceRecord], run_d
     ensure_pad_token(tokenizer, base)
     pairs = encode(config, records, tokenizer)
     steps = config.resolved_sft_steps()
+    base.to(device)
     if steps:
         nll = supervised_warmup(base, pairs, tokenizer.pad_token_id, steps, batch_size=config.batch_size,
                                 seed=config.seed, show_progress=show_progress)
