@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prlhf.losses import dpo_loss, p_dpo_loss
+from prlhf.losses import chosen_nll, dpo_loss, p_dpo_loss
 
 T = torch.tensor
 
@@ -71,3 +71,8 @@ def test_bad_inputs_raise():
         p_dpo_loss(T([0.0]), T([0.0]), None, None, T([0.0]), T([0.0]), beta=0.5, alpha=0.5)
     with pytest.raises(ValueError, match="shape"):
         dpo_loss(T([0.0, 1.0]), T([0.0]), T([0.0]), T([0.0]), beta=0.5)
+
+
+def test_chosen_nll_is_per_token():
+    """Summed log-prob -6 over 3 tokens -> NLL 2 per token; a zero length is clamped to 1."""
+    assert torch.allclose(chosen_nll(T([-6.0, -1.0]), torch.tensor([3, 0])), T([2.0, 1.0]))

@@ -43,6 +43,8 @@ class TrainConfig:
     alpha: float = _meta("weight of the user's term; 1 - alpha goes to the generic user e_0", default=0.5)
     beta: float = _meta("DPO temperature beta", default=0.5)
     loss: str = _meta("preference loss l: dpo (P-DPO)", default="dpo")
+    nll_weight: float = _meta("weight of an NLL term on each chosen response under its user's embedding (RPO, "
+                              "TRL's rpo_alpha); 0 = the paper's P-DPO", default=0.0)
     epochs: float = _meta("passes over the training pairs", default=3.0)
     max_steps: int = _meta("stop after this many optimizer steps (0 = no limit)", default=0)
     batch_size: int = _meta("pairs per optimizer step (per process, before accumulation)", default=16)
@@ -83,6 +85,7 @@ class TrainConfig:
             (self.loss == "dpo", "loss must be 'dpo'"),
             (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
             (self.beta > 0, "beta must be > 0"),
+            (self.nll_weight >= 0, "nll_weight must be >= 0"),
             (self.user_tokens >= 1, "user_tokens must be >= 1"),
             (self.clusters >= 1, "clusters must be >= 1"),
             (self.epochs > 0, "epochs must be > 0"),

@@ -41,7 +41,7 @@ METHODS = {
 }
 
 
-def run_demo(out: Path, quick: bool = False, threads: int = 2, seed: int = 0) -> dict:
+def run_demo(out: Path, quick: bool = False, threads: int = 2, seed: int = 0, nll_weight: float = 0.5) -> dict:
     size = QUICK if quick else FULL
     start = time.time()
     if threads:
@@ -59,7 +59,7 @@ def run_demo(out: Path, quick: bool = False, threads: int = 2, seed: int = 0) ->
         run_dir = out / "runs" / method
         cfg = TrainConfig(data=str(paths["train"]), out=str(run_dir), model=base or "tiny", epochs=size.epochs,
                           sft_steps=size.sft_steps if base is None else 0, lr=TINY_LR, seed=seed,
-                          threads=threads, **overrides)
+                          threads=threads, nll_weight=nll_weight, **overrides)
         shutil.rmtree(run_dir, ignore_errors=True)  # a demo re-run replaces its own previous runs
         summary = train(cfg, show_progress=True)
         base = base or str(run_dir / "base")
@@ -70,7 +70,7 @@ def run_demo(out: Path, quick: bool = False, threads: int = 2, seed: int = 0) ->
 
     generation, samples = generate_per_user(runs, task, size.gen_prompts, seed)
     metrics = {"users": {u: {"group": i["group"], "seen": i["seen"]} for u, i in task.users.items()},
-               "methods": evals, "generation": generation, "quick": quick,
+               "methods": evals, "generation": generation, "quick": quick, "nll_weight": nll_weight,
                "seconds": round(time.time() - start, 1)}
     write_json_atomic(out / "metrics.json", metrics)
     table = accuracy_table(evals, metrics["users"])
@@ -133,10 +133,15 @@ def samples_text(samples: dict) -> list[str]:
 
 
 def render_report(metrics: dict, table: str, samples: dict) -> str:
-    cmd = "prlhf demo --quick" if metrics["quick"] else "prlhf demo"
+    cmd = "prlhf demo" + (" --quick" if metrics["quick"] else "") + f" --nll-weight {metrics['nll_weight']:g}"
+    objective = ("the paper's objective (no NLL term)" if not metrics["nll_weight"] else
+                 f"each loss plus an NLL term on the chosen response (weight {metrics['nll_weight']:g}, as in RPO / "
+                 "TRL's rpo_alpha), the same for all three methods, which keeps the random-init tiny model "
+                 "writing fluent text")
     return (f"# prlhf demo: conflicting length preferences\n\nCommand: `{cmd}` ({metrics['seconds']:.0f}s).\n"
             "Seen users prefer the longer response with probability 0.7 (the majority), else the shorter one; "
-            "unseen users appear only in the test pairs and are scored with the generic user.\n\n"
+            "unseen users appear only in the test pairs and are scored with the generic user. "
+            f"Objective: {objective}.\n\n"
             "## Per-user held-out accuracy (implicit reward)\n\n" + table + "\n## By group (seen users)\n\n"
             + summarise_groups(metrics) + "\n![per-user accuracy](per_user_accuracy.png)\n\n## Sample generations\n\n"
             + "\n".join(f"- {line}" for line in samples_text(samples)) + "\n")

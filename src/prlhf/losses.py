@@ -61,3 +61,10 @@ def p_dpo_loss(user_chosen_logps: torch.Tensor, user_rejected_logps: torch.Tenso
                        reference_rejected_logps, beta)
     combined = alpha * user.losses + (1.0 - alpha) * generic.losses
     return PreferenceLossOutput(combined, user.chosen_rewards, user.rejected_rewards), generic
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of the chosen responses, (B,): the extra term of RPO
+    (Pang et al. 2024; TRL's `rpo_alpha`), which keeps the policy able to write what users chose."""
+    _check_same_shape(chosen_logps=chosen_logps, chosen_lengths=chosen_lengths.to(chosen_logps.dtype))
+    return -chosen_logps / chosen_lengths.clamp(min=1).to(chosen_logps.dtype)

@@ -25,7 +25,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from prlhf.data.loading import load_records
-    from prlhf.evaluate.report import accuracy_table
+    from prlhf.evaluate.report import accuracy_plot, accuracy_table
     from prlhf.evaluate.run_eval import evaluate_run
     from prlhf.model.run_dir import load_run, write_json_atomic
 
@@ -36,6 +36,8 @@ def cmd_eval(args) -> int:
     print(accuracy_table({Path(args.run).name: result}), end="")
     if args.out:
         write_json_atomic(Path(args.out), result)
+    if args.plot:
+        accuracy_plot({Path(args.run).name: result}, args.plot)
     return 0
 
 
@@ -84,7 +86,7 @@ def cmd_data_build(args) -> int:
 def cmd_demo(args) -> int:
     from prlhf.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, threads=args.threads)
+    run_demo(Path(args.out), quick=args.quick, threads=args.threads, nll_weight=args.nll_weight)
     return 0
 
 
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run directory written by `prlhf train`")
     e.add_argument("--data", required=True, help="held-out pairs (users absent from training are 'unseen')")
     e.add_argument("--out", help="write the metrics JSON here")
+    e.add_argument("--plot", metavar="PNG", help="also draw per-user accuracy as a bar chart")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     e.set_defaults(func=cmd_eval)
 
@@ -150,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quick", action="store_true", help="smaller data and fewer steps (about a minute)")
     m.add_argument("--out", default="demo_out", help="artifacts folder (default: demo_out)")
     m.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    m.add_argument("--nll-weight", type=float, default=0.5,
+                   help="NLL term on chosen responses for all three methods (RPO); 0 = the paper's pure objective, "
+                        "whose generations on the tiny model lose fluency (default 0.5)")
     m.set_defaults(func=cmd_demo)
     return p
 

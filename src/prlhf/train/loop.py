@@ -19,7 +19,8 @@ from transformers import get_cosine_schedule_with_warmup
 from prlhf.config import ConfigError, TrainConfig, to_yaml
 from prlhf.data.loading import load_records
 from prlhf.data.tokenize import PairBatch, adds_bos
-from prlhf.losses import p_dpo_loss
+from prlhf.losses import chosen_nll, p_dpo_loss
+from prlhf.model.logprobs import IGNORE_INDEX
 from prlhf.model.loading import add_lora
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.run_dir import save_run
@@ -126,7 +127,11 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                 idx = batch.example_idx
                 out, generic = p_dpo_loss(user_c, user_r, gen_c, gen_r, ref_chosen[idx], ref_rejected[idx],
                                           beta=config.beta, alpha=alpha)
-                accelerator.backward(out.losses.mean())
+                loss = out.losses
+                if config.nll_weight:
+                    chosen_tokens = (batch.labels[:len(batch), 1:] != IGNORE_INDEX).sum(-1)  # (B,)
+                    loss = loss + config.nll_weight * chosen_nll(user_c, chosen_tokens)
+                accelerator.backward(loss.mean())
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()

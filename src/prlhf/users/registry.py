@@ -46,16 +46,18 @@ class UserRegistry:
         return list(self._index)
 
     def index(self, user_id: str) -> int:
-        idx = self._index.get(user_id)
-        if idx is None:
-            if user_id not in self._noticed:
-                self._noticed.add(user_id)
-                logger.info("user %r was not seen in training: using the generic user embedding", user_id)
-            return GENERIC_INDEX
-        return idx
+        return int(self.indices([user_id])[0])
 
     def indices(self, user_ids: Iterable[str]) -> torch.Tensor:
-        return torch.tensor([self.index(u) for u in user_ids], dtype=torch.long)  # (B,)
+        """(B,) indices; unknown ids get the generic user, with one notice per call for the ids not noticed yet."""
+        user_ids = list(user_ids)
+        out = torch.tensor([self._index.get(u, GENERIC_INDEX) for u in user_ids], dtype=torch.long)
+        new = sorted({u for u in user_ids if u not in self._index} - self._noticed)
+        if new:
+            self._noticed.update(new)
+            shown = ", ".join(repr(u) for u in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            logger.info("%d user(s) not seen in training use the generic user embedding: %s", len(new), shown)
+        return out
 
     def to_dict(self) -> dict:
         return {"generic_index": GENERIC_INDEX, "users": dict(self._index)}
