@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 from prlhf.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+# Reference log-prob caches go to a throwaway folder, for this process and the subprocesses tests start.
+os.environ.setdefault("PRLHF_CACHE_DIR", tempfile.mkdtemp(prefix="prlhf-test-cache-"))
 
 TEXTS = ["Summarize: the quiet cat carried a map behind the school at dawn.",
          "The cat carried a map.", "The quiet cat carried a map behind the school. Nobody knew why.",

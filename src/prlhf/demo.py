@@ -3,7 +3,6 @@ the built-in tiny model: vanilla DPO vs P-DPO individual vs P-DPO cluster, per-u
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prlhf import __version__
 from prlhf.cli.common import add_dataclass_flags, config_from_args, setup_logging
+from prlhf.cli.users_cmds import register as register_user_commands
 from prlhf.config import ConfigError, TrainConfig
 
 DESCRIPTION = """Personalized language models from personalized human feedback (P-DPO, Li, Lipton & Leqi 2024).
@@ -18,8 +19,11 @@ Data: JSONL/JSON/CSV/Parquet/datasets folder with user_id, prompt, chosen, rejec
 def cmd_train(args) -> int:
     from prlhf.train.loop import train
 
+    from accelerate import PartialState
+
     summary = train(config_from_args(TrainConfig, args), show_progress=not args.quiet)
-    print(json.dumps(summary))
+    if PartialState().is_main_process:  # under `accelerate launch`, one summary line, not one per process
+        print(json.dumps(summary))
     return 0
 
 
@@ -90,6 +94,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench_speed(args) -> int:
+    from prlhf.bench.speed import run_speed_bench
+
+    run_speed_bench(Path(args.out), quick=args.quick, threads=args.threads)
+    return 0
+
+
 def _set_threads(n: int) -> None:
     if n:
         import torch
@@ -157,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NLL term on chosen responses for all three methods (RPO); 0 = the paper's pure objective, "
                         "whose generations on the tiny model lose fluency (default 0.5)")
     m.set_defaults(func=cmd_demo)
+    register_user_commands(sub)
+
+    bench = sub.add_parser("bench", help="benchmarks (results as JSON + Markdown)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    sp = bsub.add_parser("speed", help="TRL DPOTrainer vs prlhf DPO / P-DPO throughput, step time vs number of "
+                                       "users, personalized vs plain generation (needs `pip install trl`)")
+    sp.add_argument("--quick", action="store_true", help="fewer steps and one repeat (a few minutes)")
+    sp.add_argument("--out", required=True, help="folder for speed.json and speed.md")
+    sp.add_argument("--threads", type=int, default=2, help="torch CPU threads per measured process (default 2)")
+    sp.set_defaults(func=cmd_bench_speed)
     return p
 
 

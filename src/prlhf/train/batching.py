@@ -13,10 +13,19 @@ from prlhf.users.registry import UserRegistry
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Shuffled batches of example indices; the order of epoch e depends only on (seed, e), so a resumed run
-    sees exactly the batches it would have seen."""
+    sees exactly the batches it would have seen.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    With `lengths`, batches are length-aware: the shuffled order is cut into chunks of `bucket` optimizer steps,
+    each chunk is sorted by length and cut into steps, the steps are shuffled again, and each step is yielded as
+    its `group` consecutive batches (group = processes x accumulation steps). Pairs of similar length share a
+    step (less padding), every epoch still sees a fresh random mix, and a step holds the same pairs whether it
+    runs as 1 batch of 8, 2 processes x 4 or 8 accumulated batches of 1.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None, bucket: int = 32,
+                 group: int = 1):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
+        self.lengths, self.bucket, self.group = lengths, bucket, group
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -24,8 +33,14 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        for start in range(0, self.n, self.batch_size):
-            yield order[start:start + self.batch_size]
+        if self.lengths is not None:
+            step = self.batch_size * self.group
+            steps = []
+            for start in range(0, self.n, step * self.bucket):
+                block = sorted(order[start:start + step * self.bucket], key=self.lengths.__getitem__)
+                steps += [block[s:s + step] for s in range(0, len(block), step)]
+            order = [i for k in torch.randperm(len(steps), generator=g).tolist() for i in steps[k]]
+        yield from (order[s:s + self.batch_size] for s in range(0, self.n, self.batch_size))
 
     def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
@@ -44,8 +59,12 @@ class PairCollator:
         return collate_pairs([self.pairs[i] for i in indices], self.user_idx[idx], idx, self.pad_id)
 
 
+def pair_length(pair: EncodedPair) -> int:
+    """Padded width of the pair's rows: its prompt plus the longer response."""
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
 def length_sorted_batches(pairs: Sequence[EncodedPair], batch_size: int) -> list[list[int]]:
     """For passes without gradients: similar lengths together wastes less compute on padding."""
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids),
-                                                                                    len(pairs[i].rejected_ids)))
+    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,10 +25,12 @@ from prlhf.model.logprobs import IGNORE_INDEX
 from prlhf.model.loading import add_lora
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.run_dir import save_run
-from prlhf.train.batching import EpochBatchSampler, PairCollator
-from prlhf.train.checkpoint import load_latest_checkpoint, save_checkpoint, trainable_only_hook
-from prlhf.train.metrics import PerUserAccuracy, batch_metrics, mean_of
-from prlhf.train.reference import compute_reference_logps
+from prlhf.train.batching import EpochBatchSampler, PairCollator, pair_length
+from prlhf.train.checkpoint import Trainable, load_latest_checkpoint, save_checkpoint
+from prlhf.train.distributed import cpu_processes
+from prlhf.train.metrics import TrainMetrics, tracker_names, truncate_log
+from prlhf.train.optim import clip_grad_norm_
+from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 from prlhf.train.setup import build_optimizer, prepare_base
 from prlhf.users.models import build_user_model
 from prlhf.users.registry import UserRegistry
@@ -68,7 +71,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accum)
+    accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=mixed,
+                              gradient_accumulation_steps=config.grad_accum,
+                              log_with=tracker_names(config.report_to) or None, project_dir=str(run_dir))
     is_main, show = accelerator.is_main_process, show_progress and accelerator.is_main_process
     set_seed(config.seed)
     if is_main:
@@ -76,47 +81,61 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
         (run_dir / "config.yaml").write_text(to_yaml(config))
     accelerator.wait_for_everyone()
 
-    base, tokenizer, pairs = prepare_base(config, records, run_dir, is_main, show, accelerator.device)
+    with accelerator.main_process_first():  # the main process warms up and saves the base; the others load it
+        base, tokenizer, pairs = prepare_base(config, records, run_dir, is_main, show, accelerator.device)
     registry = UserRegistry.from_records(records)
     user_model = build_user_model(config.user_model, len(registry), config.user_tokens, base.config.hidden_size,
-                                  num_clusters=config.clusters, init=config.user_init, seed=config.seed,
+                                  num_clusters=config.clusters, rank=config.user_rank, init=config.user_init,
+                                  seed=config.seed,
                                   input_embeddings=base.get_input_embeddings().weight)
     targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
     lm = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer))).to(accelerator.device)
+    # Every process computes (or reads from the on-disk cache) the reference log-probs of all pairs: one no-grad
+    # pass, cheap next to training; only the rows of its own batches are used. The main process writes the cache.
     with accelerator.autocast():  # the same precision as the policy's forward passes
-        ref_chosen, ref_rejected = compute_reference_logps(model, pairs, tokenizer.pad_token_id,
-                                                           show_progress=show)  # (N,), (N,)
+        ref_chosen, ref_rejected = cached_reference_logps(model, pairs, tokenizer.pad_token_id,
+                                                          reference_cache_dir(config.reference_cache), mixed,
+                                                          write=is_main, show_progress=show)  # (N,), (N,)
 
     with_users = user_model.num_tokens > 0
     alpha = config.alpha if with_users else 1.0  # uniform: l(e_u) = l(e_0), the split changes nothing
-    sampler = EpochBatchSampler(len(pairs), config.batch_size, config.seed)
+    # batch_size is per process: the prepared loader hands process p the batches p, p + P, p + 2P, ... of
+    # the sampler, so one optimizer step sees P * batch_size * grad_accum pairs.
+    lengths = [pair_length(p) for p in pairs] if config.group_by_length else None
+    sampler = EpochBatchSampler(len(pairs), config.batch_size, config.seed, lengths=lengths,
+                                group=accelerator.num_processes * config.grad_accum)
     # Its own generator: creating a loader iterator draws a base seed, which must not consume the global RNG
     # that dropout uses (or a resumed run would see different dropout masks).
     loader = DataLoader(list(range(len(pairs))), batch_sampler=sampler,
                         collate_fn=PairCollator(pairs, registry, tokenizer.pad_token_id),
                         generator=torch.Generator().manual_seed(config.seed))
-    steps_per_epoch = math.ceil(len(sampler) / config.grad_accum)
+    optimizer = build_optimizer(model, config)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # loader: this process's batches
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total_steps = math.ceil(config.epochs * steps_per_epoch)
     total_steps = min(total_steps, config.max_steps) if config.max_steps else total_steps
-    optimizer = build_optimizer(model, config)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by hand once per optimizer step
-    accelerator.register_save_state_pre_hook(trainable_only_hook)
+    # Not prepared: stepped by hand once per optimizer step (a prepared one steps once per process).
+    warmup = int(config.warmup_ratio * total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer.optimizer, warmup, total_steps)
+    trainable = Trainable(accelerator, model, optimizer, scheduler)
     ref_chosen, ref_rejected = ref_chosen.to(accelerator.device), ref_rejected.to(accelerator.device)
+    accelerator.init_trackers("prlhf", config=dataclasses.asdict(config))  # trackers live on the main process
 
-    step, epoch, skip = 0, 0, 0
-    state = load_latest_checkpoint(accelerator, run_dir) if config.resume else None
+    step, epoch, skip, metrics = 0, 0, 0, TrainMetrics()
+    log_path = run_dir / "metrics.jsonl"
+    state = load_latest_checkpoint(trainable, run_dir) if config.resume else None
     if state:
         step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+        metrics.load_state_dict(state.get("metrics", {"correct": {}, "total": {}}))
+        if is_main:
+            truncate_log(log_path, step)
         logger.info("resumed from step %d (epoch %d)", step, epoch)
     elif config.resume:
         logger.info("--resume: no checkpoint in %s, starting from scratch", run_dir)
     save_every = config.save_steps or steps_per_epoch
-    log_path = run_dir / "metrics.jsonl"
     bar = tqdm(total=total_steps, initial=step, desc="P-DPO" if with_users else "DPO", disable=not show)
-    start, window, per_user = time.time(), [], PerUserAccuracy()
+    start = time.time()
     model.train()
     while step < total_steps:
         loader.set_epoch(epoch)  # the prepared loader passes it to our sampler (and would override a direct call)
@@ -133,33 +152,33 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                     loss = loss + config.nll_weight * chosen_nll(user_c, chosen_tokens)
                 accelerator.backward(loss.mean())
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    accelerator.unscale_gradients()  # no-op unless fp16; our clip also handles sparse user rows
+                    clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window.append(batch_metrics(out, user_c, user_r, generic))
-            per_user.update(batch.user_idx.cpu(), (out.chosen_rewards - out.rejected_rewards).cpu())
+            metrics.update(accelerator, out, user_c, user_r, generic, batch.user_idx)  # every process's rows
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
             bar.update()
             if step % config.log_steps == 0 or step == total_steps:
-                row = {"step": step, "epoch": epoch + batches_in_epoch / len(loader), **mean_of(window),
-                       **per_user.summary("train_users"), "lr": scheduler.get_last_lr()[0],
-                       "elapsed_s": time.time() - start}
+                row = {"step": step, "epoch": epoch + batches_in_epoch / len(loader), **metrics.row(),
+                       "lr": scheduler.get_last_lr()[0], "elapsed_s": time.time() - start}
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
                 if is_main:
                     with log_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                window = []
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
             if step % save_every == 0 or step == total_steps:
-                save_checkpoint(accelerator, run_dir, step, {"step": step, "epoch": epoch,
-                                                             "batches_in_epoch": batches_in_epoch},
+                save_checkpoint(trainable, run_dir, step, {"step": step, "epoch": epoch, "batches_in_epoch":
+                                                           batches_in_epoch, "metrics": metrics.state_dict()},
                                 config.keep_checkpoints)
             if step >= total_steps:
                 break
         else:
-            epoch, skip, per_user = epoch + 1, 0, PerUserAccuracy()
+            epoch, skip = epoch + 1, 0
+            metrics.new_epoch()
             continue
         break
     bar.close()
@@ -170,6 +189,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     if is_main:
         save_run(run_dir, accelerator.unwrap_model(model), tokenizer, registry, summary)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers (and the process group: no collectives after this)
     return summary
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -22,7 +24,8 @@ def batch_metrics(out: PreferenceLossOutput, chosen_logps: torch.Tensor, rejecte
         "logps/rejected": rejected_logps.detach().mean().item(),
     }
     if generic is not None:
-        metrics["generic/rewards/accuracies"] = (generic.chosen_rewards > generic.rejected_rewards).float().mean().item()
+        generic_correct = generic.chosen_rewards > generic.rejected_rewards
+        metrics["generic/rewards/accuracies"] = generic_correct.float().mean().item()
         metrics["generic/loss"] = generic.losses.mean().item()
     return metrics
 
@@ -50,3 +53,67 @@ class PerUserAccuracy:
 def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for d in dicts for k in d}
     return {k: sum(d[k] for d in dicts if k in d) / sum(1 for d in dicts if k in d) for k in sorted(keys)}
+
+
+def gather_outputs(accelerator, out: PreferenceLossOutput, generic: PreferenceLossOutput | None,
+                   *tensors: torch.Tensor):
+    """Every process's per-example tensors of one micro-batch, concatenated in process order (each (B * P,)).
+
+    `gather`, not `gather_for_metrics`: the duplicates Accelerate pads into an uneven last batch are trained on
+    too, so the metrics describe exactly the examples the gradient saw."""
+    def g(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.gather(t.detach().contiguous())
+
+    out = PreferenceLossOutput(*(g(t) for t in out))
+    generic = PreferenceLossOutput(*(g(t) for t in generic)) if generic is not None else None
+    return out, generic, *(g(t) for t in tensors)
+
+
+class TrainMetrics:
+    """The metrics.jsonl rows: batch metrics averaged over the logging window, per-user accuracy over the
+    epoch so far (summarised), all computed from the examples of every process."""
+
+    def __init__(self):
+        self.window, self.per_user = [], PerUserAccuracy()
+
+    def update(self, accelerator, out: PreferenceLossOutput, chosen_logps: torch.Tensor,
+               rejected_logps: torch.Tensor, generic: PreferenceLossOutput | None, user_idx: torch.Tensor) -> None:
+        out, generic, chosen_logps, rejected_logps, user_idx = gather_outputs(
+            accelerator, out, generic, chosen_logps, rejected_logps, user_idx)
+        self.window.append(batch_metrics(out, chosen_logps, rejected_logps, generic))
+        self.per_user.update(user_idx.cpu(), (out.chosen_rewards - out.rejected_rewards).cpu())
+
+    def row(self) -> dict[str, float]:
+        """Summarise and start a new logging window."""
+        row = {**mean_of(self.window), **self.per_user.summary("train_users")}
+        self.window = []
+        return row
+
+    def new_epoch(self) -> None:
+        self.per_user = PerUserAccuracy()
+
+    def state_dict(self) -> dict:
+        """The epoch's per-user counts (JSON), so a resumed run reports the same per-user accuracy."""
+        return {"correct": dict(self.per_user.correct), "total": dict(self.per_user.total)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_user = PerUserAccuracy()
+        self.per_user.correct.update({int(u): c for u, c in state["correct"].items()})
+        self.per_user.total.update({int(u): n for u, n in state["total"].items()})
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """`--report-to` -> Accelerate's `log_with`; auto = TensorBoard when it is installed, else nothing."""
+    from accelerate.utils import is_tensorboard_available
+
+    if report_to == "auto":
+        return ["tensorboard"] if is_tensorboard_available() else []
+    return [] if report_to == "none" else [report_to]
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop metrics.jsonl rows after `last_step`: a run killed between logging and checkpointing logged steps
+    that its resume will run (and log) again."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(row + "\n" for row in rows))

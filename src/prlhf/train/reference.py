@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from prlhf.data.tokenize import EncodedPair
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.train.batching import PairCollator, length_sorted_batches
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -27,4 +36,51 @@ def compute_reference_logps(model: PersonalizedLM, pairs: Sequence[EncodedPair],
         logps = model.reference_logps(batch.input_ids, batch.attention_mask, batch.labels).float().cpu()  # (2B,)
         chosen[batch.example_idx.cpu()], rejected[batch.example_idx.cpu()] = logps.chunk(2)
     model.train(was_training)
+    return chosen, rejected
+
+
+def reference_cache_dir(setting: str) -> Path | None:
+    """'auto' = $PRLHF_CACHE_DIR/reference_logps (default ~/.cache/prlhf/...), 'none' = off, else a folder."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return Path(os.environ.get("PRLHF_CACHE_DIR") or Path.home() / ".cache" / "prlhf") / "reference_logps"
+    return Path(setting)
+
+
+def reference_cache_key(model: PersonalizedLM, pairs: Sequence[EncodedPair], precision: str) -> str:
+    """sha256 over what the reference log-probs depend on: the base weights (adapters and user model excluded),
+    the token ids of every pair (so the tokenizer, the data, truncation and user_text all count) and the
+    precision they are computed in."""
+    h = hashlib.sha256()
+    base = model.lm.get_base_model() if isinstance(model.lm, PeftModel) else model.lm
+    h.update(f"v1|{precision}|{type(base).__name__}".encode())
+    for name, tensor in sorted(base.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_reference_logps(model: PersonalizedLM, pairs: Sequence[EncodedPair], pad_id: int,
+                           cache_dir: Path | None, precision: str = "no", write: bool = True,
+                           show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """compute_reference_logps, reused from `cache_dir` when the same model, tokens and precision were seen
+    before. `cache_dir=None` turns the cache off; only `write=True` callers (the main process) write it."""
+    if cache_dir is None:
+        return compute_reference_logps(model, pairs, pad_id, show_progress=show_progress)
+    path = Path(cache_dir) / f"{reference_cache_key(model, pairs, precision)}.safetensors"
+    if path.is_file():
+        logger.info("reference log-probs: reusing %s", path)
+        cached = load_file(str(path))
+        return cached["chosen"], cached["rejected"]
+    chosen, rejected = compute_reference_logps(model, pairs, pad_id, show_progress=show_progress)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
+        os.replace(tmp, path)
     return chosen, rejected

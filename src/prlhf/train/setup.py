@@ -15,6 +15,7 @@ from prlhf.data.tokenize import EncodedPair, encode_records
 from prlhf.model.loading import ensure_pad_token, load_base
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.tiny import build_tiny_model, build_tiny_tokenizer
+from prlhf.train.optim import RowSparseAdamW
 from prlhf.train.sft import supervised_warmup
 
 logger = logging.getLogger(__name__)
@@ -74,4 +75,4 @@ def build_optimizer(model: PersonalizedLM, config: TrainConfig) -> torch.optim.O
     groups = [{"params": lm_params, "lr": config.resolved_lr(), "weight_decay": config.weight_decay}]
     if user_params:
         groups.append({"params": user_params, "lr": config.resolved_user_lr(), "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)
+    return RowSparseAdamW(groups)

@@ -1,0 +1,17 @@
+"""Multi-process launches (`accelerate launch --multi_gpu --num_processes N`, `torchrun`) on any machine."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def cpu_processes() -> bool:
+    """True for a multi-process launch on a machine without CUDA.
+
+    Accelerate then needs `cpu=True` to set up gloo data parallelism (otherwise every process would train alone
+    as if it were the only one); `accelerate launch --cpu --num_processes N` only starts N processes through
+    MPI (`--mpirun_hostfile`), so on CPU we launch with torchrun (`--multi_gpu`) and pick CPU here.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

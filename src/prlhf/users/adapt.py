@@ -1,0 +1,339 @@
+"""Few-shot fitting of new users on a finished run (P-RLHF.md §2, "few-shot fitting of a new user's vector").
+
+Only the new users' own rows are trained: the offset o_i of the individual model (starting from 0, i.e. from the
+generic user e_0) or the mixture logits w_i of the cluster model (starting from the generic user's w_0). The LM,
+its adapters, e_0 / the prototypes and every known user are frozen. The loss is P-DPO with alpha = 1, i.e. DPO
+with the user's embedding, against the reference (base, adapters off, no user tokens) computed once:
+
+    l_i = -log sigmoid(beta * [(log pi(y_w|x,e_i) - log pi_ref(y_w|x)) - (log pi(y_l|x,e_i) - log pi_ref(y_l|x))])
+
+Each user's rows only see that user's pairs and AdamW is element-wise without weight decay, so fitting all new
+users in one batch (loss = sum over users of their mean loss) is the same as fitting them one by one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prlhf.config import ConfigError
+from prlhf.data.schema import PreferenceRecord
+from prlhf.data.tokenize import EncodedPair, collate_pairs, encode_records
+from prlhf.evaluate.accuracy import implicit_reward_margins
+from prlhf.losses import dpo_loss
+from prlhf.model.personalized import PersonalizedLM
+from prlhf.model.run_dir import LoadedRun, RunError, write_json_atomic
+from prlhf.train.reference import compute_reference_logps
+from prlhf.users.manage import UserTable, extend_rows, require_personalized, table_from_module, write_user_table
+from prlhf.users.registry import UserRegistry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 40
+DEFAULT_LR = 0.1
+WARM_STARTS = ("none", "text")
+
+
+class NewUserRows(nn.Module):
+    """Soft tokens of the new users only, from trainable rows over a frozen user model's shared parameters.
+
+    Indexed by the new users' local index 0..n-1 (not the registry index).
+    """
+
+    def __init__(self, frozen, init_rows: torch.Tensor):
+        super().__init__()
+        self.frozen, self.kind = frozen, frozen.kind
+        self.num_tokens, self.hidden_size = frozen.num_tokens, frozen.hidden_size
+        self.rows = nn.Parameter(init_rows.clone())  # (n, T_u*d) offsets or (n, K) logits
+
+    def forward(self, local_idx: torch.Tensor) -> torch.Tensor:
+        rows = self.rows[local_idx]
+        if self.kind == "individual":  # e_i = e_0 + o_i
+            return self.frozen.generic.unsqueeze(0) + rows.view(-1, self.num_tokens, self.hidden_size)
+        if self.kind == "lowrank":  # e_i = e_0 + U v_i
+            offset = (rows @ self.frozen.up.T).view(-1, self.num_tokens, self.hidden_size)
+            return self.frozen.generic.unsqueeze(0) + offset
+        mix = torch.softmax(rows, dim=-1)  # (B, K): e_i = sum_k softmax(w_i)_k V_k
+        return torch.einsum("bk,ktd->btd", mix, self.frozen.prototypes)
+
+
+# ------------------------------------------------------------------------------------------------ warm start
+
+
+def normalise_text(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def jaccard(a: str, b: str) -> float:
+    ta, tb = set(re.findall(r"\w+", a.lower())), set(re.findall(r"\w+", b.lower()))
+    return len(ta & tb) / len(ta | tb) if ta | tb else 0.0
+
+
+def user_texts(records: Sequence[PreferenceRecord]) -> dict[str, str]:
+    """user_id -> the user's (first non-empty) user_text."""
+    texts: dict[str, str] = {}
+    for r in records:
+        if r.user_text and r.user_id not in texts:
+            texts[r.user_id] = r.user_text
+    return texts
+
+
+def text_neighbours(text: str, known: dict[str, str]) -> tuple[list[str], str]:
+    """Known users with the same profile text (after normalising case/whitespace), or else those with the most
+    similar one (token-set Jaccard; ties all kept). Returns (user ids, "exact" | "jaccard=0.xx" | "none")."""
+    target = normalise_text(text)
+    exact = [u for u, t in known.items() if normalise_text(t) == target]
+    if exact:
+        return exact, "exact"
+    scores = {u: jaccard(text, t) for u, t in known.items()}
+    best = max(scores.values(), default=0.0)
+    if best <= 0.0:
+        return [], "none"
+    return [u for u, s in scores.items() if s == best], f"jaccard={best:.2f}"
+
+
+def mean_row(table: UserTable, user_ids: Sequence[str]) -> torch.Tensor:
+    """The row whose embedding is the mean of these users' embeddings: the mean offset (individual), or the log
+    of the mean mixture (cluster: softmax(log p) = p, so the mixed prototypes are the mean embedding)."""
+    rows = table.rows[torch.tensor([table.registry.index(u) for u in user_ids])].float()
+    if table.kind in ("individual", "lowrank"):  # linear in the row: the mean row is the mean embedding
+        return rows.mean(0)
+    return torch.log(torch.softmax(rows, dim=-1).mean(0))
+
+
+def initial_rows(table: UserTable, new_ids: Sequence[str], warm_start: str, new_texts: dict[str, str],
+                 known_texts: dict[str, str]) -> tuple[torch.Tensor, dict[str, str]]:
+    """(n, row) initial rows and, per user, where the start came from."""
+    generic = table.rows[0].float()
+    if table.kind in ("individual", "lowrank"):
+        generic = torch.zeros_like(generic)  # o = 0 (v = 0) is the generic user e_0
+    rows, source = [], {}
+    known = {u: t for u, t in known_texts.items() if u in table.registry}
+    for uid in new_ids:
+        found, how = ([], "none")
+        if warm_start == "text" and uid in new_texts:
+            found, how = text_neighbours(new_texts[uid], known)
+        if found:
+            rows.append(mean_row(table, found))
+            source[uid] = f"text {how}: mean of {len(found)} user(s)"
+        else:
+            rows.append(generic.clone())
+            source[uid] = "generic" if warm_start == "none" else "generic (no profile text match)"
+    return torch.stack(rows), source
+
+
+# --------------------------------------------------------------------------------------------------- fitting
+
+
+def split_holdout(records: Sequence[PreferenceRecord], new_ids: Sequence[str], holdout: float,
+                  seed: int) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """Per new user, a seeded share `holdout` of their pairs goes to evaluation, the rest to fitting."""
+    by_user = defaultdict(list)
+    for r in records:
+        by_user[r.user_id].append(r)
+    fit, held = [], []
+    for uid in new_ids:
+        recs = by_user[uid]
+        n_held = int(round(holdout * len(recs)))
+        if holdout > 0 and len(recs) > 1:
+            n_held = min(max(n_held, 1), len(recs) - 1)  # keep at least one pair on each side
+        else:
+            n_held = 0
+        order = list(range(len(recs)))
+        random.Random(f"{seed}:{uid}").shuffle(order)
+        chosen = set(order[:n_held])  # both sides keep the data's order
+        held += [r for i, r in enumerate(recs) if i in chosen]
+        fit += [r for i, r in enumerate(recs) if i not in chosen]
+    return fit, held
+
+
+def fit_rows(model: PersonalizedLM, init_rows: torch.Tensor, pairs: Sequence[EncodedPair], local_idx: torch.Tensor,
+             pad_id: int, beta: float, steps: int, lr: float, batch_pairs: int = 64,
+             show_progress: bool = True) -> tuple[torch.Tensor, list[float]]:
+    """Train the new rows (n, row) on their users' pairs; returns the fitted rows and the loss per step."""
+    ref_chosen, ref_rejected = compute_reference_logps(model, pairs, pad_id, show_progress=False)  # (P,), (P,)
+    for p in model.parameters():  # PEFT's disable_adapter() marks the adapters trainable again on exit
+        p.requires_grad_(False)
+    new = NewUserRows(model.user_model, init_rows.float())
+    fitter = PersonalizedLM(model.lm, new, model.prefix_len).eval()  # eval: no dropout in the frozen LM
+    counts = torch.bincount(local_idx, minlength=init_rows.shape[0]).float()
+    weights = 1.0 / counts[local_idx]  # (P,): each user's mean loss, summed over users
+    order = list(range(len(pairs)))
+    batches = [collate_pairs([pairs[i] for i in chunk], local_idx[chunk], torch.tensor(chunk), pad_id)
+               for chunk in (order[s:s + batch_pairs] for s in range(0, len(order), batch_pairs))]
+    optimizer = torch.optim.AdamW([new.rows], lr=lr, weight_decay=0.0)
+    losses = []
+    bar = tqdm(range(steps), desc="adapt users", disable=not show_progress)
+    for _ in bar:
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in batches:
+            logps = fitter(batch.input_ids, batch.attention_mask, batch.labels, batch.user_idx.repeat(2))  # (2B,)
+            chosen, rejected = logps.chunk(2)
+            idx = batch.example_idx
+            out = dpo_loss(chosen, rejected, ref_chosen[idx], ref_rejected[idx], beta)
+            loss = (out.losses * weights[idx]).sum()
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        losses.append(total / init_rows.shape[0])
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    return new.rows.detach().clone(), losses
+
+
+def _accuracy_by_user(model: PersonalizedLM, records: Sequence[PreferenceRecord], pairs: Sequence[EncodedPair],
+                      registry: UserRegistry, pad_id: int) -> dict[str, float]:
+    margins = implicit_reward_margins(model, pairs, registry, pad_id)
+    correct, total = defaultdict(int), defaultdict(int)
+    for rec, m in zip(records, margins.tolist()):
+        correct[rec.user_id] += m > 0
+        total[rec.user_id] += 1
+    return {u: correct[u] / total[u] for u in total}
+
+
+def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: int = DEFAULT_STEPS,
+                lr: float = DEFAULT_LR, holdout: float = 0.0, seed: int = 0, user: str | None = None,
+                warm_start: str = "none", known_records: Sequence[PreferenceRecord] | None = None,
+                eval_records: Sequence[PreferenceRecord] | None = None, batch_pairs: int = 64,
+                show_progress: bool = True) -> tuple[LoadedRun, dict]:
+    """Fit embeddings for the users in `records` that the run does not know (or only `user`).
+
+    `holdout` of each new user's pairs (seeded) is kept out of fitting and used for the before (generic
+    embedding) / after (adapted) accuracy; `eval_records` gives that evaluation set explicitly instead.
+    `warm_start="text"` starts each new user from the mean embedding of known users with the same (or else the
+    most similar) user_text; known users' texts come from `known_records` (their training data).
+    Returns a new LoadedRun (sharing `run`'s LM; user model and registry extended, known rows bitwise equal,
+    nothing written to disk) and a report dict.
+    """
+    if steps < 1 or lr <= 0:
+        raise ConfigError("adapt: need steps >= 1 and lr > 0")
+    if not 0.0 <= holdout < 1.0:
+        raise ConfigError(f"adapt: holdout must be in [0, 1), got {holdout}")
+    if warm_start not in WARM_STARTS:
+        raise ConfigError(f"adapt: warm_start must be one of {', '.join(WARM_STARTS)}, got {warm_start!r}")
+    kind = run.model.user_model.kind
+    try:
+        require_personalized(kind, "adapt")
+    except RunError as exc:
+        raise RunError(f"{exc}; train an individual or cluster run to adapt new users") from None
+    if warm_start == "text" and known_records is None:
+        raise ConfigError("adapt: --warm-start text needs the known users' profile texts (--known-data TRAIN_FILE)")
+    new_ids = sorted({r.user_id for r in records if r.user_id not in run.registry})
+    if user is not None:
+        if user in run.registry:
+            raise RunError(f"adapt: user {user!r} is already in the run; delete it first to refit it")
+        if user not in new_ids:
+            raise ConfigError(f"adapt: user {user!r} has no pairs in the data")
+        new_ids = [user]
+    if not new_ids:
+        raise ConfigError("adapt: every user in the data is already known to the run; nothing to adapt")
+    records = [r for r in records if r.user_id in set(new_ids)]
+    if eval_records is None:
+        fit_records, held = split_holdout(records, new_ids, holdout, seed)
+    else:
+        fit_records, held = list(records), [r for r in eval_records if r.user_id in set(new_ids)]
+
+    cfg, tok = run.config, run.tokenizer
+    pad_id = tok.pad_token_id
+    table = table_from_module(run.model.user_model, run.registry)
+    init, init_source = initial_rows(table, new_ids, warm_start, user_texts(records),
+                                     user_texts(known_records or []))
+    local = {u: i for i, u in enumerate(new_ids)}
+    pairs = encode_records(fit_records, tok, cfg.max_length, cfg.max_prompt_length, cfg.use_user_text)
+    local_idx = torch.tensor([local[r.user_id] for r in fit_records], dtype=torch.long)
+
+    # Frozen: no parameter of the run gets a gradient; only the new rows (a fresh Parameter) do.
+    flags = {p: p.requires_grad for p in run.model.parameters()}
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        start = time.time()
+        rows, losses = fit_rows(run.model, init, pairs, local_idx, pad_id, cfg.beta, steps, lr, batch_pairs,
+                                show_progress)
+        seconds = time.time() - start
+        new_table = extend_rows(table, new_ids, rows)
+        model = PersonalizedLM(run.model.lm, new_table.to_module(), run.model.prefix_len).eval()
+        before, start_acc, after = {}, {}, {}
+        if held:
+            held_pairs = encode_records(held, tok, cfg.max_length, cfg.max_prompt_length, cfg.use_user_text)
+            before = _accuracy_by_user(run.model, held, held_pairs, run.registry, pad_id)  # generic e_0
+            start_acc = before
+            if warm_start != "none":
+                init_model = PersonalizedLM(run.model.lm, extend_rows(table, new_ids, init).to_module(),
+                                            run.model.prefix_len).eval()
+                start_acc = _accuracy_by_user(init_model, held, held_pairs, new_table.registry, pad_id)
+            after = _accuracy_by_user(model, held, held_pairs, new_table.registry, pad_id)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        run.model.train(was_training)
+    new_run = LoadedRun(model, tok, new_table.registry, cfg, run.path)
+
+    report = {"user_model": kind, "steps": steps, "lr": lr, "holdout": holdout, "seed": seed,
+              "warm_start": warm_start, "fit_seconds": round(seconds, 3),
+              "seconds_per_user": round(seconds / len(new_ids), 3), "initial_loss": losses[0],
+              "final_loss": losses[-1], "users": {}}
+    fit_counts = defaultdict(int)
+    for r in fit_records:
+        fit_counts[r.user_id] += 1
+    for uid in new_ids:
+        report["users"][uid] = {"index": new_table.registry.index(uid), "n_fit": fit_counts[uid],
+                                "n_eval": sum(r.user_id == uid for r in held), "init": init_source[uid],
+                                "before": before.get(uid), "start": start_acc.get(uid),
+                                "after": after.get(uid)}
+    evaluated = [u for u in new_ids if u in after]
+    if evaluated:
+        report["mean_before"] = sum(before[u] for u in evaluated) / len(evaluated)
+        report["mean_after"] = sum(after[u] for u in evaluated) / len(evaluated)
+    return new_run, report
+
+
+# ----------------------------------------------------------------------------------------- writing a new run
+
+
+COPY_SKIP = ("checkpoints", ".export-tmp")
+
+
+def save_adapted_run(source: str | os.PathLike, new_run: LoadedRun, out: str | os.PathLike,
+                     report: dict | None = None) -> Path:
+    """A full copy of `source`'s artifacts (checkpoints excepted: they would resume the old run) with the
+    extended user model and registry, built in a temporary folder next to `out` and renamed into place."""
+    source, out = Path(source), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: already exists and is not empty; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the run dir gets ordinary permissions
+    try:
+        for entry in source.iterdir():
+            if entry.name in COPY_SKIP or entry.name.endswith(".tmp"):
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name)
+            else:
+                shutil.copy2(entry, tmp / entry.name)
+        write_user_table(tmp, table_from_module(new_run.model.user_model, new_run.registry))
+        if report is not None:
+            write_json_atomic(tmp / "adapt.json", {"adapted_from": str(source), **report})
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

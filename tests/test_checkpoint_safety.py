@@ -1,0 +1,104 @@
+"""Checkpoints survive a SIGKILL in the middle of being written, and loading one never unpickles code."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prlhf.cli.main import main
+from prlhf.train.checkpoint import list_checkpoints
+from prlhf.train.loop import train
+from test_invariants import metric_rows
+from test_train_resume import (assert_same_weights, cli_flags, config, interrupt_after_step_2,  # noqa: F401
+                               task_dir)
+
+# The child runs `prlhf train` through the real CLI; writing checkpoint step-4 stops right after its weights file
+# (the temporary folder then holds the RNG state and model.safetensors, no optimizer, no trainer_state.json) and
+# waits there to be killed.
+PAUSE_INSIDE_SAVE_OF_STEP_4 = """
+import sys, time
+import prlhf.train.checkpoint as checkpoint
+from prlhf.cli.main import main
+save_file = checkpoint.save_file
+def save_then_wait(tensors, path, *args, **kwargs):
+    save_file(tensors, path, *args, **kwargs)
+    if ".tmp-step-4" in str(path):
+        time.sleep(300)
+checkpoint.save_file = save_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_inside_save_of_step_4(cfg) -> None:
+    partial = Path(cfg.out) / "checkpoints" / ".tmp-step-4" / "model.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_INSIDE_SAVE_OF_STEP_4, "train", *cli_flags(cfg), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not partial.is_file():
+            if proc.poll() is not None:
+                pytest.fail(f"training exited with {proc.returncode} before saving step 4:\n{proc.stderr.read()}")
+            assert time.time() < deadline, "no partial checkpoint step 4 after 120 s"
+            time.sleep(0.02)
+        time.sleep(0.2)  # let safetensors finish the file; the child then sleeps inside the save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(task_dir, tmp_path, capsys):
+    a_cfg = config(task_dir, tmp_path / "A", report_to="none")  # 6 steps, checkpoints at 2, 4, 6
+    b_cfg = dataclasses.replace(a_cfg, out=str(tmp_path / "B"))
+    train(a_cfg, show_progress=False)
+
+    kill_inside_save_of_step_4(b_cfg)
+    b_dir = Path(b_cfg.out)
+    folder = b_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-step-4", "step-2"]
+    assert not (folder / ".tmp-step-4" / "trainer_state.json").exists()
+    assert [step for step, _ in list_checkpoints(b_dir)] == [2]  # the half-written one is invisible
+    step_2 = folder / "step-2"
+    assert json.loads((step_2 / "trainer_state.json").read_text())["step"] == 2
+    assert load_file(step_2 / "model.safetensors")
+    for name in ("optimizer.bin", "scheduler.bin", "rng_state_0.bin"):
+        assert torch.load(step_2 / name, weights_only=True), name
+
+    capsys.readouterr()
+    assert main(["train", *cli_flags(b_cfg), "--resume", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["steps"] == 6
+    assert sorted(p.name for p in folder.iterdir()) == ["step-4", "step-6"]  # the leftover is cleaned up
+    assert_same_weights(tmp_path / "A", b_dir)
+    rows = [json.loads(line) for line in (b_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 6]  # step 4 was logged before the kill, and only once
+    assert metric_rows(tmp_path / "A") == metric_rows(b_dir)
+
+
+def test_resume_never_unpickles_code(task_dir, tmp_path, monkeypatch):
+    cfg = config(task_dir, tmp_path / "run", report_to="none")
+    interrupt_after_step_2(cfg, monkeypatch)
+    assert not list((tmp_path / "run" / "checkpoints").rglob("*.pkl"))
+
+    flags, real_load = [], torch.load
+
+    def recording_load(*args, **kwargs):
+        flags.append(kwargs.get("weights_only", "default"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    assert train(dataclasses.replace(cfg, resume=True), show_progress=False)["steps"] == 6
+    assert flags.count(True) >= 3  # optimizer, scheduler, RNG state
+    assert False not in flags and "default" not in flags, flags
