@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import shutil
@@ -125,7 +126,7 @@ def plot(results: dict, seen_mean: float, path: Path) -> None:
     main = results["k_curve"]
     ax.errorbar(xs, [main[k]["mean"] for k in xs], yerr=[main[k]["std"] for k in xs], marker="o", capsize=3,
                 label="unseen users, adapted (plain run)")
-    for name, style in (("none", "s--"), ("text", "^-")):
+    for name, style in (("none", "s--"), ("text", "^-")) if "warm_start" in results else ():
         c = results["warm_start"][name]
         ax.plot(list(WARM_KS), [c[k]["mean"] for k in WARM_KS], style,
                 label=f"user_text run, warm start: {name}")
@@ -152,7 +153,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--sweep", action="store_true", help="also sweep lr x steps at k = 10")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task (users, pairs, splits)")
+    parser.add_argument("--no-warm-start", action="store_true", help="skip the user_text warm-start part")
     args = parser.parse_args()
+    TASK["seed"] = args.seed
     torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -165,26 +169,28 @@ def main() -> None:
     print(f"seen users: mean accuracy {seen_mean:.3f} (train {train_s:.0f} s)", flush=True)
     pools, evals = split_pools(task)
     results = {"seen_mean_accuracy": seen_mean, "seen_worst_accuracy": seen_eval["worst_user_accuracy"],
-               "train_seconds": round(train_s, 1)}
+               "train_seconds": None if math.isnan(train_s) else round(train_s, 1)}
     if args.sweep:
         results["sweep_k10"] = sweep(run, pools, evals, 10, (0.05, 0.1, 0.3), (20, 40))
     results["k_curve"] = curve(run, pools, evals, KS, args.repeats, args.steps, args.lr)
     results["single_user_wall_seconds"] = single_user_timing(run, pools, evals, args.steps, args.lr)
 
-    text_dir, text_task, text_train_s = train_run(work, "text", True, args.threads, args.reuse)
-    text_run = load_run(text_dir)
-    text_seen = evaluate_run(text_run, [r for r in text_task.test if r.user_id in set(text_task.seen_users)])
-    print(f"user_text run: seen mean accuracy {text_seen['mean_user_accuracy']:.3f}", flush=True)
-    t_pools, t_evals = split_pools(text_task)
-    results["text_run_seen_mean_accuracy"] = text_seen["mean_user_accuracy"]
-    results["warm_start"] = {ws: curve(text_run, t_pools, t_evals, WARM_KS, args.repeats, args.steps, args.lr,
-                                       warm_start=ws, known=text_task.train) for ws in ("none", "text")}
+    if not args.no_warm_start:
+        text_dir, text_task, text_train_s = train_run(work, "text", True, args.threads, args.reuse)
+        text_run = load_run(text_dir)
+        text_seen = evaluate_run(text_run, [r for r in text_task.test if r.user_id in set(text_task.seen_users)])
+        print(f"user_text run: seen mean accuracy {text_seen['mean_user_accuracy']:.3f}", flush=True)
+        t_pools, t_evals = split_pools(text_task)
+        results["text_run_seen_mean_accuracy"] = text_seen["mean_user_accuracy"]
+        results["warm_start"] = {ws: curve(text_run, t_pools, t_evals, WARM_KS, args.repeats, args.steps, args.lr,
+                                           warm_start=ws, known=text_task.train) for ws in ("none", "text")}
 
     k10 = results["k_curve"][10]["mean"]
     slowest = max(results["single_user_wall_seconds"].values())
     results["targets"] = {"k10_over_seen": k10 / seen_mean, "k10_target_met": k10 >= 0.9 * seen_mean,
                           "max_seconds_per_user": slowest, "seconds_target_met": slowest <= 30}
-    command = f"python benchmarks/new_users.py --out {args.out}" + (" --sweep" if args.sweep else "")
+    command = (f"python benchmarks/new_users.py --out {args.out}" + (" --sweep" if args.sweep else "")
+               + (f" --seed {args.seed}" if args.seed else "") + (" --no-warm-start" if args.no_warm_start else ""))
     report = {"task": {**TASK, "n_eval_per_unseen_user": N_EVAL, "adapt_pool_per_unseen_user": 45 - N_EVAL},
               "command": command, "steps": args.steps, "lr": args.lr, "repeats": args.repeats,
               "machine": f"{platform.machine()}, Python {platform.python_version()}, {args.threads} threads",
@@ -211,13 +217,14 @@ def markdown(results: dict) -> str:
         s = "-" if v["seconds_per_user"] is None else f"{v['seconds_per_user']:.2f}"
         lines.append(f"| {k}{' (generic)' if k == 0 else ''} | {v['mean']:.3f} +- {v['std']:.3f} | "
                      f"{v['mean'] / seen:.2f} | {s} |")
-    ws = results["warm_start"]
-    lines += ["", f"Warm start from `user_text` (run trained with profiles; seen mean "
-                  f"{results['text_run_seen_mean_accuracy']:.3f}):", "",
-              "| k | warm start none | warm start text |", "|---|---|---|"]
-    for k in WARM_KS:
-        lines.append(f"| {k} | {ws['none'][k]['mean']:.3f} +- {ws['none'][k]['std']:.3f} | "
-                     f"{ws['text'][k]['mean']:.3f} +- {ws['text'][k]['std']:.3f} |")
+    if "warm_start" in results:
+        ws = results["warm_start"]
+        lines += ["", f"Warm start from `user_text` (run trained with profiles; seen mean "
+                      f"{results['text_run_seen_mean_accuracy']:.3f}):", "",
+                  "| k | warm start none | warm start text |", "|---|---|---|"]
+        for k in WARM_KS:
+            lines.append(f"| {k} | {ws['none'][k]['mean']:.3f} +- {ws['none'][k]['std']:.3f} | "
+                         f"{ws['text'][k]['mean']:.3f} +- {ws['text'][k]['std']:.3f} |")
     lines += ["", "One user adapted alone (wall seconds incl. reference pass and evaluation): "
               + ", ".join(f"k={k}: {v:.2f} s" for k, v in results["single_user_wall_seconds"].items())]
     t = results["targets"]

@@ -87,3 +87,17 @@ def test_lowrank_user_model_shapes_and_generic():
     assert out.shape == (3, 3, 8)
     assert torch.equal(out[0], um.generic.detach())
     assert sum(p.numel() for p in um.parameters()) == 3 * 8 + 3 * 8 * 4 + 1001 * 4
+
+
+def test_a_million_lowrank_users_fit_and_step_only_their_rows():
+    """1,000,001 rows of r = 8 are 32 MB; one step reads and writes only the batch's rows."""
+    um = build_user_model("lowrank", 1_000_000, 10, 64, rank=8, init="uniform", sparse=True)
+    assert um.vectors.weight.numel() * 4 / 2**20 < 40  # MB
+    opt = RowSparseAdamW(um.parameters(), lr=0.1)
+    before = um.vectors.weight.detach()[[1, 999_999]].clone()
+    users = torch.tensor([5, 123_456, 999_998])
+    um(users).pow(2).mean().backward()
+    clip_grad_norm_(um.parameters(), 1.0)
+    opt.step()
+    assert torch.equal(um.vectors.weight.detach()[[1, 999_999]], before)
+    assert int((opt.state[um.vectors.weight]["row_step"] > 0).sum()) == 3

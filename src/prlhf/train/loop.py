@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -191,7 +190,3 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers (and the process group: no collectives after this)
     return summary
-
-
-def remove_checkpoints(run_dir: Path) -> None:
-    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
