@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from prlhf.users.models import USER_MODELS
+from prlhf.users.defaults import USER_MODELS
 
 
 # The random-init tiny model needs a higher rate than a pretrained LM, and a warm-up to write at all.

@@ -1,6 +1,6 @@
 """`prlhf adapt` (fit new users on a finished run) and `prlhf users list|delete|export|import`.
 
-`register(subparsers)` adds both commands to the `prlhf` parser; `main(argv)` runs them on their own.
+`register(subparsers)` adds both commands to the `prlhf` parser (prlhf.cli.main).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _set_threads(n: int) -> None:
 
 def register(subparsers) -> None:
     """Add `adapt` and `users` to the `prlhf` subcommands (the action returned by add_subparsers)."""
-    from prlhf.users.adapt import DEFAULT_LR, DEFAULT_STEPS, WARM_STARTS
+    from prlhf.users.defaults import DEFAULT_LR, DEFAULT_STEPS, WARM_STARTS
 
     a = subparsers.add_parser(
         "adapt", help="fit embeddings for new users on a finished run (LM, adapters, other users frozen)",

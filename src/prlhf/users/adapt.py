@@ -37,13 +37,10 @@ from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.run_dir import LoadedRun, RunError, write_json_atomic
 from prlhf.train.reference import compute_reference_logps
 from prlhf.users.manage import UserTable, extend_rows, require_personalized, table_from_module, write_user_table
+from prlhf.users.defaults import DEFAULT_LR, DEFAULT_STEPS, WARM_STARTS
 from prlhf.users.registry import UserRegistry
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_STEPS = 40
-DEFAULT_LR = 0.1
-WARM_STARTS = ("none", "text")
 
 
 class NewUserRows(nn.Module):

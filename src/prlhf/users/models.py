@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-USER_MODELS = ("uniform", "individual", "cluster", "lowrank")
+from prlhf.users.defaults import USER_MODELS  # noqa: F401  (re-exported)
 
 # Per-user tables are sparse embeddings: a step reads and updates only the rows of users in its batch (see
 # prlhf.train.optim), so its cost does not grow with the number of users.
