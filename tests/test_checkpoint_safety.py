@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from prlhf.train.checkpoint import list_checkpoints
 from prlhf.train.loop import train
 from test_invariants import metric_rows
 from test_train_resume import (assert_same_weights, cli_flags, config, interrupt_after_step_2,  # noqa: F401
-                               task_dir)
+                               sigkill_train_when, task_dir)
 
 # The child runs `prlhf train` through the real CLI; writing checkpoint step-4 stops right after its weights file
 # (the temporary folder then holds the RNG state and model.safetensors, no optimizer, no trainer_state.json) and
@@ -40,23 +36,8 @@ sys.exit(main(sys.argv[1:]))
 
 def kill_inside_save_of_step_4(cfg) -> None:
     partial = Path(cfg.out) / "checkpoints" / ".tmp-step-4" / "model.safetensors"
-    proc = subprocess.Popen([sys.executable, "-c", PAUSE_INSIDE_SAVE_OF_STEP_4, "train", *cli_flags(cfg), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not partial.is_file():
-            if proc.poll() is not None:
-                pytest.fail(f"training exited with {proc.returncode} before saving step 4:\n{proc.stderr.read()}")
-            assert time.time() < deadline, "no partial checkpoint step 4 after 120 s"
-            time.sleep(0.02)
-        time.sleep(0.2)  # let safetensors finish the file; the child then sleeps inside the save
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # settle: let safetensors finish the file; the child then sleeps inside the save
+    sigkill_train_when(PAUSE_INSIDE_SAVE_OF_STEP_4, cfg, partial, "a partial checkpoint step 4", settle=0.2)
 
 
 @pytest.mark.slow

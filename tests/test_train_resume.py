@@ -152,17 +152,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def kill_after_step_2(cfg: TrainConfig) -> None:
-    run_dir = Path(cfg.out)
-    proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_STEP_2, "train", *cli_flags(cfg), "--quiet"],
+def sigkill_train_when(script: str, cfg: TrainConfig, marker: Path, what: str, settle: float = 0.0) -> None:
+    """Run `prlhf train` through `script` (which pauses the child at some point), wait until `marker` exists,
+    then SIGKILL it."""
+    proc = subprocess.Popen([sys.executable, "-c", script, "train", *cli_flags(cfg), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not (run_dir / "checkpoints" / "step-2" / "trainer_state.json").is_file():
+        while not marker.is_file():
             if proc.poll() is not None:
-                pytest.fail(f"training exited with {proc.returncode} before step 2:\n{proc.stderr.read()}")
-            assert time.time() < deadline, "no checkpoint step-2 after 120 s"
+                pytest.fail(f"training exited with {proc.returncode} before {what}:\n{proc.stderr.read()}")
+            assert time.time() < deadline, f"no {what} after 120 s"
             time.sleep(0.02)
+        time.sleep(settle)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -170,6 +172,11 @@ def kill_after_step_2(cfg: TrainConfig) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def kill_after_step_2(cfg: TrainConfig) -> None:
+    sigkill_train_when(PAUSE_AFTER_STEP_2, cfg, Path(cfg.out) / "checkpoints" / "step-2" / "trainer_state.json",
+                       "checkpoint step-2")
 
 
 class _Interrupted(Exception):
