@@ -54,7 +54,7 @@ def launch_two_processes(cfg, *extra: str) -> None:
         stdout, stderr = proc.communicate()
         pytest.fail(f"2-process run timed out:\n{stdout}\n{stderr}"[-4000:])
     assert proc.returncode == 0, stderr[-3000:]
-    # every process prints its summary line (cli), and the two may interleave on the shared pipe
+    # the main process prints the summary line (cli)
     steps = re.findall(r'\{"steps": (\d+)', stdout)
     assert steps and all(int(n) == cfg.max_steps for n in steps), stdout[-2000:]
 

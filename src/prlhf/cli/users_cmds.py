@@ -95,7 +95,7 @@ def register(subparsers) -> None:
         "adapt", help="fit embeddings for new users on a finished run (LM, adapters, other users frozen)",
         description="Fit the users in --data that the run does not know (P-DPO with alpha=1, their rows only) and "
                     "write a new run directory: a copy of --run with the extended user model and registry.")
-    a.add_argument("--run", required=True, help="finished run directory (individual or cluster user model)")
+    a.add_argument("--run", required=True, help="finished run directory (individual, cluster or lowrank user model)")
     a.add_argument("--data", required=True, help="preference pairs of the new users (known users are ignored)")
     a.add_argument("--out", required=True, help="new run directory to write (must not exist or be empty)")
     a.add_argument("--user", help="adapt only this user id")

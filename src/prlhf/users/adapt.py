@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from prlhf.config import ConfigError
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tokenize import EncodedPair, collate_pairs, encode_records
-from prlhf.evaluate.accuracy import implicit_reward_margins
+from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.losses import dpo_loss
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.run_dir import LoadedRun, RunError, write_json_atomic
@@ -194,11 +194,7 @@ def fit_rows(model: PersonalizedLM, init_rows: torch.Tensor, pairs: Sequence[Enc
 def _accuracy_by_user(model: PersonalizedLM, records: Sequence[PreferenceRecord], pairs: Sequence[EncodedPair],
                       registry: UserRegistry, pad_id: int) -> dict[str, float]:
     margins = implicit_reward_margins(model, pairs, registry, pad_id)
-    correct, total = defaultdict(int), defaultdict(int)
-    for rec, m in zip(records, margins.tolist()):
-        correct[rec.user_id] += m > 0
-        total[rec.user_id] += 1
-    return {u: correct[u] / total[u] for u in total}
+    return {u: v["accuracy"] for u, v in per_user_accuracy(records, margins, registry)["per_user"].items()}
 
 
 def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: int = DEFAULT_STEPS,
@@ -225,7 +221,7 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
     try:
         require_personalized(kind, "adapt")
     except RunError as exc:
-        raise RunError(f"{exc}; train an individual or cluster run to adapt new users") from None
+        raise RunError(f"{exc}; train an individual, cluster or lowrank run to adapt new users") from None
     if warm_start == "text" and known_records is None:
         raise ConfigError("adapt: --warm-start text needs the known users' profile texts (--known-data TRAIN_FILE)")
     new_ids = sorted({r.user_id for r in records if r.user_id not in run.registry})

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prlhf.config import TrainConfig, load_config_file
-from prlhf.model.run_dir import RunError, base_location
+from prlhf.model.run_dir import RunError, base_location, write_json_atomic
 from prlhf.users.models import UserModel, user_model_from_config
 from prlhf.users.registry import UserRegistry
 
@@ -195,9 +195,7 @@ def export_users(run_dir: str | os.PathLike, user_ids: Sequence[str], prefix: st
     paths = [prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")]
     save_file(tensors, str(paths[0]) + ".tmp")
     os.replace(str(paths[0]) + ".tmp", paths[0])
-    tmp = paths[1].with_name(paths[1].name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, paths[1])
+    write_json_atomic(paths[1], meta)
     return paths
 
 
