@@ -171,3 +171,23 @@ def test_without_bos_user_tokens_go_first(tiny_tokenizer):
     prompts = [p.prompt_ids for p in pairs]
     assert model.generate(prompts, torch.tensor([1, 2]), **kw) == model.generate(prompts, torch.tensor([1, 2]),
                                                                                   use_cache=False, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_logits_only_from_the_first_response_position_change_nothing(arch, tiny_tokenizer):
+    """The output head runs on the last positions only (logits_to_keep): same log-probs, same gradients."""
+    results = []
+    for keep in (True, False):
+        model = make(arch, tiny_tokenizer)
+        if not keep:
+            model._logits_to_keep = lambda labels: None
+        batch = batch_for(tiny_tokenizer)
+        logps = model(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor([1, 2, 1, 2]))
+        logps.sum().backward()
+        grads = [(p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for p in model.parameters()
+                 if p.grad is not None]
+        results.append((logps.detach(), grads))
+    assert model._supports_logits_to_keep is None  # the patched model never asked
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[0][1], results[1][1]))

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tasks import TASKS, Task, build_length_task, build_style_task
+from prlhf.data.tasks import TASKS, Task, build_length_task, build_persona_task, build_style_task
 from prlhf.data.tasks.common import assign_poles, record_to_dict
 from prlhf.data.tasks.length import word_count
 from prlhf.data.tasks.style import DIMENSIONS, classify_style, profile_text, random_content, render_style
@@ -44,7 +44,7 @@ def _vocab(task: Task) -> set[str]:
 
 
 def test_registry() -> None:
-    assert TASKS == {"length": build_length_task, "style": build_style_task}
+    assert TASKS == {"length": build_length_task, "style": build_style_task, "persona": build_persona_task}
 
 
 @pytest.mark.parametrize("name", ["length", "style"])

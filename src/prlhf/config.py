@@ -35,6 +35,8 @@ class TrainConfig:
                      default="")
     model: str = _meta("'tiny' (built-in random-init LM, tokenizer trained on the data) or a hub id / local "
                        "folder of any causal LM", default="tiny")
+    objective: str = _meta("dpo (P-DPO: train the policy) | rm (P-RM: a personalized reward model, scalar head on "
+                           "the LM, Bradley-Terry loss with the same alpha split)", default="dpo")
     user_model: str = _meta(f"user model: {' | '.join(USER_MODELS)} (uniform = vanilla DPO)", default="individual")
     user_tokens: int = _meta("T_u, soft tokens per user", default=10)
     clusters: int = _meta("K, prototypes of the cluster user model", default=4)
@@ -77,6 +79,10 @@ class TrainConfig:
     log_steps: int = _meta("log metrics every N optimizer steps", default=10)
     reference_cache: str = _meta("where reference log-probs are cached across runs: auto ($PRLHF_CACHE_DIR or "
                                  "~/.cache/prlhf) | none | a folder", default="auto")
+    eval_data: str = _meta("held-out files to evaluate during training, comma-separated (per-user implicit-reward "
+                           "accuracy, rows in RUN/eval.jsonl)", default="")
+    eval_steps: int = _meta("evaluate --eval-data every N optimizer steps, and at the end (0 = only at the end)",
+                            default=0)
     report_to: str = _meta("experiment tracker through Accelerate: auto | tensorboard | wandb | none (auto = "
                            "tensorboard when installed, else none); logs the metrics.jsonl rows", default="auto")
     threads: int = _meta("torch CPU threads (0 = torch's default)", default=0)
@@ -91,6 +97,8 @@ class TrainConfig:
             (self.user_model in USER_MODELS, f"user_model must be one of {', '.join(USER_MODELS)}"),
             (self.user_init in ("vocab", "uniform", "zeros"), "user_init must be vocab, uniform or zeros"),
             (self.loss == "dpo", "loss must be 'dpo'"),
+            (self.objective in ("dpo", "rm"), "objective must be dpo or rm"),
+            (self.objective == "dpo" or self.nll_weight == 0, "nll_weight applies to objective dpo only"),
             (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
             (self.beta > 0, "beta must be > 0"),
             (self.nll_weight >= 0, "nll_weight must be >= 0"),
@@ -105,6 +113,7 @@ class TrainConfig:
             (self.max_length > self.max_prompt_length > 0, "need max_length > max_prompt_length > 0"),
             (self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision must be auto/no/bf16/fp16"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.eval_steps >= 0, "eval_steps must be >= 0"),
             (self.report_to in ("auto", "tensorboard", "wandb", "none"),
              "report_to must be auto, tensorboard, wandb or none"),
         ]

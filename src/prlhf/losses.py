@@ -68,3 +68,27 @@ def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torc
     (Pang et al. 2024; TRL's `rpo_alpha`), which keeps the policy able to write what users chose."""
     _check_same_shape(chosen_logps=chosen_logps, chosen_lengths=chosen_lengths.to(chosen_logps.dtype))
     return -chosen_logps / chosen_lengths.clamp(min=1).to(chosen_logps.dtype)
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> PreferenceLossOutput:
+    """Reward-model loss: l = -log sigmoid(r(x, y_w) - r(x, y_l)) per example (B,)."""
+    _check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return PreferenceLossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+def p_rm_loss(user_chosen: torch.Tensor, user_rejected: torch.Tensor, generic_chosen: torch.Tensor | None,
+              generic_rejected: torch.Tensor | None, alpha: float,
+              ) -> tuple[PreferenceLossOutput, PreferenceLossOutput | None]:
+    """P-RM: the Bradley-Terry loss with the same alpha split as P-DPO,
+    L = alpha * l(r(x, y, e_u)) + (1 - alpha) * l(r(x, y, e_0)). Returns (combined, generic) like `p_dpo_loss`."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    user = bradley_terry_loss(user_chosen, user_rejected)
+    if alpha == 1.0:
+        return user, None
+    if generic_chosen is None or generic_rejected is None:
+        raise ValueError("alpha < 1 needs the generic user's rewards")
+    generic = bradley_terry_loss(generic_chosen, generic_rejected)
+    combined = alpha * user.losses + (1.0 - alpha) * generic.losses
+    return PreferenceLossOutput(combined, user.chosen_rewards, user.rejected_rewards), generic

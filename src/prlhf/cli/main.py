@@ -47,17 +47,44 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     from prlhf.evaluate.generation import generate_texts
-    from prlhf.model.run_dir import load_run
+    from prlhf.model.run_dir import RunError, load_run
 
     _set_threads(args.threads)
     run = load_run(args.run)
+    if getattr(run.model, "is_reward_model", False):
+        raise RunError(f"{args.run}: a reward-model run does not generate; pass it as --rerank to a policy run")
     if args.user not in run.registry:
         print(f"prlhf: note: user {args.user!r} was not seen in training: using the generic user", file=sys.stderr)
+    if args.rerank:
+        from prlhf.evaluate.scoring import best_of_n, require_reward_run
+
+        reward = require_reward_run(load_run(args.rerank))
+        ranked = best_of_n(run, reward, args.user, args.prompt, args.n, max_new_tokens=args.max_new_tokens,
+                           seed=args.seed, user_text=args.user_text)
+        print(json.dumps({"user": args.user, "best": ranked.best, "best_reward": ranked.best_reward,
+                          "candidates": [{"text": t, "reward": r} for t, r in ranked.candidates]}, indent=1))
+        return 0
     texts = generate_texts(run, [args.prompt] * args.n, [args.user] * args.n, max_new_tokens=args.max_new_tokens,
                            do_sample=args.sample or args.n > 1, seed=args.seed,
                            user_texts=[args.user_text] * args.n if args.user_text else None)
     for text in texts:
         print(text)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from prlhf.evaluate.scoring import require_reward_run, score_responses
+    from prlhf.model.run_dir import load_run
+
+    _set_threads(args.threads)
+    run = require_reward_run(load_run(args.run))
+    if args.user not in run.registry:
+        print(f"prlhf: note: user {args.user!r} was not seen in training: using the generic user", file=sys.stderr)
+    n = len(args.response)
+    rewards = score_responses(run, [args.user] * n, [args.prompt] * n, args.response,
+                              [args.user_text] * n if args.user_text else None)
+    for reward in rewards:
+        print(f"{reward:.6f}")
     return 0
 
 
@@ -77,6 +104,9 @@ def cmd_data_build(args) -> int:
               "seed": args.seed}
     if args.task == "style":
         kwargs["with_user_text"] = args.with_user_text
+    if args.task == "persona":
+        kwargs.update(with_user_text=True, data_dir=args.persona_dir, statements_per_pole=args.statements_per_pole,
+                      dimensions=args.dimensions.split(",") if args.dimensions else None)
     try:
         task = TASKS[args.task](**{k: v for k, v in kwargs.items() if v is not None})
     except ValueError as exc:  # the builders check their sizes and shares
@@ -91,6 +121,30 @@ def cmd_demo(args) -> int:
     from prlhf.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, threads=args.threads, nll_weight=args.nll_weight)
+    return 0
+
+
+def cmd_bench_persona(args) -> int:
+    from prlhf.bench.persona import run_persona_bench
+
+    split = lambda v: v.split(",") if v else None  # noqa: E731
+    try:
+        run_persona_bench(Path(args.out), model=args.model, n_users=args.users, quick=args.quick,
+                          threads=args.threads, seed=args.seed, methods=split(args.methods),
+                          dimensions=split(args.dimensions), lr=args.lr, epochs=args.epochs,
+                          data_dir=args.persona_dir, keep_runs=args.keep_runs, user_tokens=args.user_tokens)
+    except ValueError as exc:
+        raise ConfigError(f"bench persona: {exc}") from None
+    return 0
+
+
+def cmd_bench_length(args) -> int:
+    from prlhf.bench.length import run_length_bench
+
+    shares = tuple(float(x) for x in args.shares.split(","))
+    if not all(0.5 <= x < 1.0 for x in shares):
+        raise ConfigError("bench length: --shares must lie in [0.5, 1)")
+    run_length_bench(Path(args.out), shares=shares, quick=args.quick, threads=args.threads, seed=args.seed)
     return 0
 
 
@@ -138,8 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="number of samples (n > 1 implies --sample)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--rerank", metavar="RM_RUN", help="best-of-n: score the --n samples with this reward-model run "
+                                                     "(train --objective rm) for --user; print JSON with the best")
     g.add_argument("--threads", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    sc = sub.add_parser("score", help="a reward-model run's reward of a response for a user",
+                        description="Prints r(prompt, response, user) from a run trained with --objective rm.")
+    sc.add_argument("--run", required=True, help="reward-model run directory")
+    sc.add_argument("--user", required=True, help="user id (unseen ids get the generic user)")
+    sc.add_argument("--prompt", required=True)
+    sc.add_argument("--response", required=True, action="append",
+                    help="response to score (repeat the flag to score several)")
+    sc.add_argument("--user-text", help="explicit preferences put before the prompt (if the run used user_text)")
+    sc.add_argument("--threads", type=int, default=0)
+    sc.set_defaults(func=cmd_score)
 
     d = sub.add_parser("data", help="check or build preference data")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -147,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file")
     v.set_defaults(func=cmd_data_validate)
     b = dsub.add_parser("build", help="write a built-in synthetic multi-user task (train/test/users)")
-    b.add_argument("task", choices=["length", "style"])
+    b.add_argument("task", choices=["length", "style", "persona"],
+                   help="length / style: synthetic; persona: real persona-trait statements (Anthropic, CC-BY-4.0) "
+                        "with users holding opposing traits, plus a test_statements.jsonl split")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--users", type=int, help="number of seen users")
     b.add_argument("--unseen", type=int, help="number of unseen (test-only) users")
@@ -155,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train-pairs-per-user", type=int)
     b.add_argument("--test-pairs-per-user", type=int)
     b.add_argument("--with-user-text", action="store_true", help="style: fill user_text with the profile")
+    b.add_argument("--persona-dir", help="persona: folder of <trait>.jsonl files (default "
+                                         "../shared/data/anthropic-persona or $PRLHF_PERSONA_DIR)")
+    b.add_argument("--dimensions", help="persona: comma-separated dimensions (politics,risk,time,religion or "
+                                        "trait-a/trait-b; default all four)")
+    b.add_argument("--statements-per-pole", type=int, help="persona: statements drawn per trait file (default 200)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_data_build)
 
@@ -178,6 +252,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder for speed.json and speed.md")
     sp.add_argument("--threads", type=int, default=2, help="torch CPU threads per measured process (default 2)")
     sp.set_defaults(func=cmd_bench_speed)
+    pe = bsub.add_parser("persona", help="the paper's baselines on persona-trait users (real statements), splits "
+                                         "'pairs' and 'statements'",
+                         description="Builds persona-trait users from ../shared/data/anthropic-persona (CC-BY-4.0), "
+                                     "trains vanilla DPO, text-conditioned DPO, P-DPO individual / cluster / "
+                                     "individual+text, scores prompting, and writes results.json (split pairs), "
+                                     "statements/results.json, report.md and plots.")
+    pe.add_argument("--model", default="tiny", help="tiny | smollm2-135m | any hub id or folder (default tiny)")
+    pe.add_argument("--users", type=int, help="seen users (unseen: a quarter of it)")
+    pe.add_argument("--quick", action="store_true", help="small data, tiny model: a few minutes")
+    pe.add_argument("--out", required=True, help="results folder")
+    pe.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    pe.add_argument("--methods", help="comma-separated subset of: vanilla_dpo, prompting, text_dpo, "
+                                      "p_dpo_individual, p_dpo_cluster, p_dpo_cluster_small, p_dpo_individual_text")
+    pe.add_argument("--dimensions", help="comma-separated (default politics,risk,time)")
+    pe.add_argument("--epochs", type=float, help="override the size preset's epochs")
+    pe.add_argument("--lr", type=float, default=0.0, help="adapter learning rate (0 = 1e-3 tiny, 2e-4 otherwise)")
+    pe.add_argument("--persona-dir", help="folder of <trait>.jsonl files (default ../shared/data/anthropic-persona)")
+    pe.add_argument("--user-tokens", type=int, default=10, help="T_u, soft tokens per user (default 10)")
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--keep-runs", action="store_true", help="keep the trained runs under OUT/work/runs")
+    pe.set_defaults(func=cmd_bench_persona)
+    le = bsub.add_parser("length", help="the paper's experiment 1: majority vs minority accuracy per method, for "
+                                        "majority shares p = 0.5, 0.7, 0.9 (tiny model)")
+    le.add_argument("--out", required=True, help="results folder (results.json, report.md, plot)")
+    le.add_argument("--shares", default="0.5,0.7,0.9", help="comma-separated majority shares (default 0.5,0.7,0.9)")
+    le.add_argument("--quick", action="store_true", help="fewer pairs per user")
+    le.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    le.add_argument("--seed", type=int, default=0)
+    le.set_defaults(func=cmd_bench_length)
     return p
 
 
@@ -185,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     from prlhf.data.schema import DataError
+    from prlhf.model.presets import PresetError
     from prlhf.model.run_dir import RunError
 
     try:
         return args.func(args)
-    except (DataError, ConfigError, RunError) as exc:
+    except (DataError, ConfigError, RunError, PresetError) as exc:
         print(f"prlhf: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Per-user implicit-reward accuracy on held-out pairs (P-RLHF.md §4).
+"""Per-user implicit-reward accuracy on held-out pairs (P-RLHF.md §4); for a reward model, its reward's accuracy.
 
 The implicit reward margin of a pair for user u is h(e_u) / beta = [log pi(y_w|x,e_u) - log pi_ref(y_w|x)]
 - [log pi(y_l|x,e_u) - log pi_ref(y_l|x)]; a pair counts as correct when it is > 0. Users the registry does not
@@ -23,13 +23,21 @@ from prlhf.users.registry import UserRegistry
 
 @torch.no_grad()
 def implicit_reward_margins(model: PersonalizedLM, pairs: Sequence[EncodedPair], registry: UserRegistry,
-                            pad_id: int, batch_size: int = 32, show_progress: bool = False) -> torch.Tensor:
-    """(N,) margins h/beta in dataset order, each pair under its own user's embedding."""
-    ref_chosen, ref_rejected = compute_reference_logps(model, pairs, pad_id, batch_size, show_progress)
+                            pad_id: int, batch_size: int = 32, show_progress: bool = False,
+                            reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(N,) margins h/beta in dataset order, each pair under its own user's embedding. `reference` = the
+    pairs' (chosen, rejected) reference log-probs when already known (computed here otherwise).
+    For a reward model (P-RM) the margin is r(x, y_w, e_u) - r(x, y_l, e_u): no reference."""
+    if getattr(model, "is_reward_model", False):
+        ref_chosen = ref_rejected = torch.zeros(len(pairs))
+    else:
+        ref_chosen, ref_rejected = reference or compute_reference_logps(model, pairs, pad_id, batch_size,
+                                                                        show_progress)
     collate = PairCollator(pairs, registry, pad_id)
     device = model.lm.get_input_embeddings().weight.device
     with_users = model.num_user_tokens > 0
     policy_chosen, policy_rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    was_training = model.training
     model.eval()
     for indices in tqdm(length_sorted_batches(pairs, batch_size), desc="policy log-probs",
                         disable=not show_progress, leave=False):
@@ -38,6 +46,7 @@ def implicit_reward_margins(model: PersonalizedLM, pairs: Sequence[EncodedPair],
         logps = model(batch.input_ids, batch.attention_mask, batch.labels, users).float().cpu()
         idx = batch.example_idx.cpu()
         policy_chosen[idx], policy_rejected[idx] = logps.chunk(2)
+    model.train(was_training)
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
 

@@ -9,6 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from prlhf.model.presets import resolve_model
+
 logger = logging.getLogger(__name__)
 
 # PEFT's "all-linear" targets every linear layer but the output head: attention and MLP projections on any
@@ -18,7 +20,9 @@ DEFAULT_LORA_TARGETS = "all-linear"
 
 def load_base(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
               **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Any Hugging Face causal LM (hub id or local folder) and its tokenizer, with a pad token guaranteed."""
+    """Any Hugging Face causal LM (hub id, local folder or a preset name such as `smollm2-135m`) and its
+    tokenizer, with a pad token guaranteed."""
+    name_or_path = resolve_model(str(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     ensure_pad_token(tokenizer, model)

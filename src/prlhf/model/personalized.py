@@ -10,6 +10,7 @@ The reference policy is the same base with the LoRA adapters disabled and no use
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -27,6 +28,7 @@ class PersonalizedLM(nn.Module):
         self.lm = lm
         self.user_model = user_model
         self.prefix_len = prefix_len  # 1 when sequences start with BOS (user tokens go after it), else 0
+        self._supports_logits_to_keep: bool | None = None
 
     @property
     def num_user_tokens(self) -> int:
@@ -54,9 +56,32 @@ class PersonalizedLM(nn.Module):
         embeds, mask, labels = self.insert_user_tokens(input_ids, attention_mask, labels, user_idx)
         # Right padding: positions count real tokens only, so user tokens shift the prompt's positions by T_u.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {}
+        keep = self._logits_to_keep(labels)
+        if keep is not None:
+            extra["logits_to_keep"] = keep
+            labels = labels[:, -keep:]
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                         use_cache=False).logits
+                         use_cache=False, **extra).logits
         return sequence_logps(logits, labels)
+
+    def supports_logits_to_keep(self) -> bool:
+        if self._supports_logits_to_keep is None:
+            base = self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
+            self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        return self._supports_logits_to_keep
+
+    def _logits_to_keep(self, labels: torch.Tensor) -> int | None:
+        """How many final positions need logits: from the one before the earliest response token on. The output
+        head and log-softmax over the vocabulary then skip most prompt positions (about a fifth of a small
+        model's compute on short-answer data). None when the model's forward has no `logits_to_keep`."""
+        if not self.supports_logits_to_keep():
+            return None
+        has_label = (labels != IGNORE_INDEX).any(0)  # (L,)
+        if not has_label.any():
+            return None
+        first = int(has_label.nonzero()[0])
+        return labels.shape[1] - max(first - 1, 0)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

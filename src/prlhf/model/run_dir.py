@@ -8,6 +8,8 @@
       user_model.safetensors    user-model weights
       user_model.json           user-model config (kind, N, T_u, d, K)
       users.json                user-id registry (index 0 = generic)
+      value_head.safetensors    reward runs only (objective rm): the scalar head
+      eval.jsonl                held-out accuracy during training (with --eval-data)
       metrics.jsonl             training log, one JSON object per logging step
       checkpoints/step-N/       resumable state (trainable weights, optimizer, scheduler, RNG)
       run.json                  written last: the run finished and the files above are complete
@@ -30,6 +32,7 @@ from prlhf.config import TrainConfig, load_config_file
 from prlhf.data.tokenize import adds_bos
 from prlhf.model.loading import ensure_pad_token, load_base
 from prlhf.model.personalized import PersonalizedLM
+from prlhf.model.reward import VALUE_HEAD_FILE, PersonalizedRewardModel
 from prlhf.users.models import user_model_from_config
 from prlhf.users.registry import UserRegistry
 
@@ -61,6 +64,9 @@ def save_run(run_dir: Path, model: PersonalizedLM, tokenizer: PreTrainedTokenize
     tokenizer.save_pretrained(tmp / "tokenizer")
     state = {k: v.detach().cpu().contiguous() for k, v in model.user_model.state_dict().items()}
     save_file(state, str(tmp / "user_model.safetensors"))
+    if isinstance(model, PersonalizedRewardModel):
+        head = {k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
+        save_file(head, str(tmp / VALUE_HEAD_FILE))
     (tmp / "user_model.json").write_text(json.dumps(model.user_model.config(), indent=1) + "\n")
     registry.save(tmp / "users.json")
     for entry in tmp.iterdir():
@@ -95,5 +101,10 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     if len(registry) != user_model.num_users:
         raise RunError(f"{run_dir}: users.json has {len(registry)} users but the user model has "
                        f"{user_model.num_users}")
-    model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer))).to(device).eval()
+    if config.objective == "rm":
+        model = PersonalizedRewardModel(lm, user_model, int(adds_bos(tokenizer)), base.config.hidden_size)
+        model.value_head.load_state_dict(load_file(str(run_dir / VALUE_HEAD_FILE)))
+    else:
+        model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer)))
+    model = model.to(device).eval()
     return LoadedRun(model, tokenizer, registry, config, run_dir)

@@ -19,16 +19,18 @@ from transformers import get_cosine_schedule_with_warmup
 from prlhf.config import ConfigError, TrainConfig, to_yaml
 from prlhf.data.loading import load_records
 from prlhf.data.tokenize import PairBatch, adds_bos
-from prlhf.losses import chosen_nll, p_dpo_loss
+from prlhf.losses import chosen_nll, p_dpo_loss, p_rm_loss
 from prlhf.model.logprobs import IGNORE_INDEX
 from prlhf.model.loading import add_lora
 from prlhf.model.personalized import PersonalizedLM
+from prlhf.model.reward import PersonalizedRewardModel
 from prlhf.model.run_dir import save_run
 from prlhf.train.batching import EpochBatchSampler, PairCollator, pair_length
 from prlhf.train.checkpoint import Trainable, load_latest_checkpoint, save_checkpoint
 from prlhf.train.distributed import cpu_processes
 from prlhf.train.metrics import TrainMetrics, tracker_names, truncate_log
 from prlhf.train.optim import clip_grad_norm_
+from prlhf.train.periodic_eval import PeriodicEval, load_eval_records
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 from prlhf.train.setup import build_optimizer, prepare_base
 from prlhf.users.models import build_user_model
@@ -38,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume or not run_dir.exists() or not any(run_dir.iterdir()):
+    if resume or not run_dir.exists():
+        return
+    # only a config.yaml: a start that failed before training (e.g. the model did not load); safe to reuse
+    if {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
         return
     if (run_dir / "checkpoints").is_dir() and not (run_dir / "run.json").exists():
         raise ConfigError(f"{run_dir}: holds an unfinished run; pass --resume to continue it, or choose another --out")
@@ -67,6 +72,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     run_dir = Path(config.out)
     check_run_dir(run_dir, config.resume)
     records = load_records(config.data)  # validates everything before anything is written
+    eval_splits = load_eval_records(config)
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -89,13 +95,22 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                                   input_embeddings=base.get_input_embeddings().weight)
     targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
     lm = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
-    model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer))).to(accelerator.device)
-    # Every process computes (or reads from the on-disk cache) the reference log-probs of all pairs: one no-grad
-    # pass, cheap next to training; only the rows of its own batches are used. The main process writes the cache.
-    with accelerator.autocast():  # the same precision as the policy's forward passes
-        ref_chosen, ref_rejected = cached_reference_logps(model, pairs, tokenizer.pad_token_id,
-                                                          reference_cache_dir(config.reference_cache), mixed,
-                                                          write=is_main, show_progress=show)  # (N,), (N,)
+    is_rm = config.objective == "rm"
+    if is_rm:
+        model = PersonalizedRewardModel(lm, user_model, int(adds_bos(tokenizer)), base.config.hidden_size)
+    else:
+        model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer)))
+    model = model.to(accelerator.device)
+    if is_rm:  # a reward model has no reference
+        ref_chosen = ref_rejected = torch.zeros(len(pairs))
+    else:
+        # Every process computes (or reads from the on-disk cache) the reference log-probs of all pairs: one
+        # no-grad pass, cheap next to training; only the rows of its own batches are used. The main process
+        # writes the cache.
+        with accelerator.autocast():  # the same precision as the policy's forward passes
+            ref_chosen, ref_rejected = cached_reference_logps(model, pairs, tokenizer.pad_token_id,
+                                                              reference_cache_dir(config.reference_cache), mixed,
+                                                              write=is_main, show_progress=show)  # (N,), (N,)
 
     with_users = user_model.num_tokens > 0
     alpha = config.alpha if with_users else 1.0  # uniform: l(e_u) = l(e_0), the split changes nothing
@@ -119,6 +134,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer.optimizer, warmup, total_steps)
     trainable = Trainable(accelerator, model, optimizer, scheduler)
     ref_chosen, ref_rejected = ref_chosen.to(accelerator.device), ref_rejected.to(accelerator.device)
+    evaluator = PeriodicEval(eval_splits, config, tokenizer, registry, run_dir / "eval.jsonl") \
+        if eval_splits and is_main else None
     accelerator.init_trackers("prlhf", config=dataclasses.asdict(config))  # trackers live on the main process
 
     step, epoch, skip, metrics = 0, 0, 0, TrainMetrics()
@@ -129,11 +146,12 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
         metrics.load_state_dict(state.get("metrics", {"correct": {}, "total": {}}))
         if is_main:
             truncate_log(log_path, step)
+            truncate_log(run_dir / "eval.jsonl", step)
         logger.info("resumed from step %d (epoch %d)", step, epoch)
     elif config.resume:
         logger.info("--resume: no checkpoint in %s, starting from scratch", run_dir)
     save_every = config.save_steps or steps_per_epoch
-    bar = tqdm(total=total_steps, initial=step, desc="P-DPO" if with_users else "DPO", disable=not show)
+    bar = tqdm(total=total_steps, initial=step, desc=("P-RM" if with_users else "RM") if is_rm else ("P-DPO" if with_users else "DPO"), disable=not show)
     start = time.time()
     model.train()
     while step < total_steps:
@@ -143,8 +161,11 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
             with accelerator.accumulate(model):
                 user_c, user_r, gen_c, gen_r = policy_logps(model, batch, with_users, alpha < 1.0)
                 idx = batch.example_idx
-                out, generic = p_dpo_loss(user_c, user_r, gen_c, gen_r, ref_chosen[idx], ref_rejected[idx],
-                                          beta=config.beta, alpha=alpha)
+                if is_rm:  # user_c etc. are rewards here
+                    out, generic = p_rm_loss(user_c, user_r, gen_c, gen_r, alpha=alpha)
+                else:
+                    out, generic = p_dpo_loss(user_c, user_r, gen_c, gen_r, ref_chosen[idx], ref_rejected[idx],
+                                              beta=config.beta, alpha=alpha)
                 loss = out.losses
                 if config.nll_weight:
                     chosen_tokens = (batch.labels[:len(batch), 1:] != IGNORE_INDEX).sum(-1)  # (B,)
@@ -169,6 +190,13 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                     with log_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            if eval_splits and ((config.eval_steps and step % config.eval_steps == 0) or step == total_steps):
+                if evaluator is not None:  # the main process evaluates; the others wait for it
+                    with accelerator.autocast():
+                        for row in evaluator(accelerator.unwrap_model(model), step):
+                            accelerator.log({f"eval/{row['split']}/{k}": v for k, v in row.items()
+                                             if k not in ("step", "split") and v is not None}, step=step)
+                accelerator.wait_for_everyone()
             if step % save_every == 0 or step == total_steps:
                 save_checkpoint(trainable, run_dir, step, {"step": step, "epoch": epoch, "batches_in_epoch":
                                                            batches_in_epoch, "metrics": metrics.state_dict()},
@@ -183,7 +211,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     bar.close()
 
     summary = {"steps": step, "train_seconds": round(time.time() - start, 2), "n_pairs": len(pairs),
-               "n_users": len(registry), "user_model": config.user_model, "model": config.model}
+               "n_users": len(registry), "user_model": config.user_model, "model": config.model, "objective": config.objective}
     accelerator.wait_for_everyone()
     if is_main:
         save_run(run_dir, accelerator.unwrap_model(model), tokenizer, registry, summary)

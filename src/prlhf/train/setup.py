@@ -71,6 +71,8 @@ def build_optimizer(model: PersonalizedLM, config: TrainConfig) -> torch.optim.O
     # The user model gets its own (higher) rate and no weight decay: decay would pull every user's row toward
     # zero at every step, including users who were not in the batch.
     lm_params = [p for p in model.lm.parameters() if p.requires_grad]
+    if hasattr(model, "value_head"):  # a reward model's head learns with the adapters
+        lm_params += list(model.value_head.parameters())
     user_params = [p for p in model.user_model.parameters() if p.requires_grad]
     groups = [{"params": lm_params, "lr": config.resolved_lr(), "weight_decay": config.weight_decay}]
     if user_params:

@@ -217,6 +217,8 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
         raise ConfigError(f"adapt: holdout must be in [0, 1), got {holdout}")
     if warm_start not in WARM_STARTS:
         raise ConfigError(f"adapt: warm_start must be one of {', '.join(WARM_STARTS)}, got {warm_start!r}")
+    if getattr(run.model, "is_reward_model", False):
+        raise ConfigError("adapt: reward-model runs are not supported yet (adapt a P-DPO run)")
     kind = run.model.user_model.kind
     try:
         require_personalized(kind, "adapt")

@@ -1,7 +1,8 @@
-"""Built-in synthetic multi-user preference tasks, generated in-package (no downloads, seeded).
+"""Built-in multi-user preference tasks, generated in-package (no downloads, seeded).
 
 - `length`: conflicting length preferences (P-DPO paper, experiment 1).
 - `style`: conflicting formality / layout / tone preferences.
+- `persona`: users holding opposing persona traits, on real statements read from a local folder.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from typing import Callable
 
 from prlhf.data.tasks.common import Task
 from prlhf.data.tasks.length import build_length_task
+from prlhf.data.tasks.persona import build_persona_task
 from prlhf.data.tasks.style import build_style_task
 
 # name -> builder; every builder takes keyword parameters (all defaulted, including `seed`) and returns a Task
-TASKS: dict[str, Callable[..., Task]] = {"length": build_length_task, "style": build_style_task}
+TASKS: dict[str, Callable[..., Task]] = {"length": build_length_task, "style": build_style_task,
+                                         "persona": build_persona_task}
 
-__all__ = ["Task", "TASKS", "build_length_task", "build_style_task"]
+__all__ = ["Task", "TASKS", "build_length_task", "build_persona_task", "build_style_task"]

@@ -22,6 +22,8 @@ class Task:
     test: list[PreferenceRecord]
     users: dict[str, dict]  # user_id -> {"seen": bool, ...task-specific keys}
     meta: dict = field(default_factory=dict)  # builder parameters + seed
+    extra: dict[str, list[PreferenceRecord]] = field(default_factory=dict)  # more test splits, by file stem
+    record_dimensions: dict[str, list[str]] = field(default_factory=dict)  # split -> each record's dimension
 
     @property
     def seen_users(self) -> list[str]:
@@ -32,7 +34,8 @@ class Task:
         return [u for u, info in self.users.items() if not info["seen"]]
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write `train.jsonl`, `test.jsonl` and `users.json` into `out_dir`; returns {"train"|"test"|"users": path}.
+        """Write `train.jsonl`, `test.jsonl`, `users.json` (plus `<name>.jsonl` per extra split and
+        `record_dimensions.json` when set) into `out_dir`; returns {"train"|"test"|"users"|name: path}.
 
         Each file is written under a temporary name in the same folder and then `os.replace`d, so a reader
         never sees a half-written file (the replace is atomic on one filesystem).
@@ -42,6 +45,12 @@ class Task:
         paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "users": out / "users.json"}
         _atomic_write(paths["train"], "".join(_jsonl_line(r) for r in self.train))
         _atomic_write(paths["test"], "".join(_jsonl_line(r) for r in self.test))
+        for name, records in self.extra.items():
+            paths[name] = out / f"{name}.jsonl"
+            _atomic_write(paths[name], "".join(_jsonl_line(r) for r in records))
+        if self.record_dimensions:
+            paths["record_dimensions"] = out / "record_dimensions.json"
+            _atomic_write(paths["record_dimensions"], json.dumps(self.record_dimensions) + "\n")
         doc = {"task": self.name, "meta": self.meta, "users": self.users}
         _atomic_write(paths["users"], json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         return paths

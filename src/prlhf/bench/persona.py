@@ -1,0 +1,290 @@
+"""`prlhf bench persona`: the paper's baselines on persona-trait users (real statements), one table per split.
+
+Every trained method goes through `prlhf.train.train` and is scored by per-user implicit-reward accuracy
+(`prlhf eval`'s numbers). `prompting` trains nothing: the base model, with the user's profile text before the
+prompt, is scored by its own likelihood preference log p(chosen) - log p(rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import random
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from prlhf.config import TrainConfig
+from prlhf.data.tasks.common import _atomic_write, record_to_dict
+from prlhf.data.tasks.persona import ATTRIBUTION, build_persona_task
+from prlhf.data.tokenize import encode_records
+from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
+from prlhf.model.run_dir import load_run
+from prlhf.train.loop import train
+from prlhf.train.reference import compute_reference_logps
+
+logger = logging.getLogger(__name__)
+SPLITS = {"pairs": "test", "statements": "test_statements"}
+
+
+@dataclass(frozen=True)
+class PersonaSize:
+    n_seen: int
+    n_unseen: int
+    statements_per_pole: int
+    train_pairs_per_user: int
+    test_pairs_per_user: int
+    epochs: float
+    curve_pairs_per_user: int  # per user, for the learning curves (a subset of each test split)
+    evals: int  # learning-curve points
+
+
+QUICK = PersonaSize(32, 8, 30, 40, 12, 4, 4, 4)
+FULL_TINY = PersonaSize(128, 32, 100, 60, 20, 4, 4, 6)
+FULL_PRETRAINED = PersonaSize(64, 16, 40, 16, 8, 1, 2, 4)
+
+
+def method_overrides(n_profiles: int) -> dict[str, dict | None]:
+    """name -> TrainConfig overrides (None: prompting, which trains nothing)."""
+    return {
+        "vanilla_dpo": {"user_model": "uniform", "use_user_text": False},
+        "prompting": None,
+        "text_dpo": {"user_model": "uniform", "use_user_text": True},
+        "p_dpo_individual": {"user_model": "individual", "use_user_text": False},
+        "p_dpo_cluster": {"user_model": "cluster", "clusters": n_profiles, "use_user_text": False},
+        "p_dpo_cluster_small": {"user_model": "cluster", "clusters": max(2, n_profiles // 4), "use_user_text": False},
+        "p_dpo_individual_text": {"user_model": "individual", "use_user_text": True},
+    }
+
+
+def _write_jsonl(path: Path, records) -> None:
+    _atomic_write(path, "".join(json.dumps(record_to_dict(r)) + "\n" for r in records))
+
+
+def per_dimension(records, dims: list[str], margins: torch.Tensor, seen: set[str]) -> dict[str, float]:
+    """Seen users' pooled accuracy per dimension."""
+    correct, total = defaultdict(int), defaultdict(int)
+    for rec, dim, m in zip(records, dims, margins.tolist()):
+        if rec.user_id in seen:
+            correct[dim] += m > 0
+            total[dim] += 1
+    return {d: correct[d] / total[d] for d in sorted(total)}
+
+
+def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None, quick: bool = False,
+                      threads: int = 2, seed: int = 0, methods: list[str] | None = None,
+                      dimensions: list[str] | None = None, lr: float = 0.0, epochs: float | None = None,
+                      data_dir: str | None = None, keep_runs: bool = False, user_tokens: int = 10) -> dict:
+    torch.set_num_threads(threads)
+    size = QUICK if quick else (FULL_TINY if model == "tiny" else FULL_PRETRAINED)
+    if n_users:
+        size = replace(size, n_seen=n_users, n_unseen=max(1, n_users // 4))
+    if epochs:
+        size = replace(size, epochs=epochs)
+    dims = dimensions or ["politics", "risk", "time"]
+    task = build_persona_task(n_seen_users=size.n_seen, n_unseen_users=size.n_unseen, dimensions=dims,
+                              statements_per_pole=size.statements_per_pole,
+                              train_pairs_per_user=size.train_pairs_per_user,
+                              test_pairs_per_user=size.test_pairs_per_user, seed=seed, data_dir=data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    data = work / "data"
+    shutil.rmtree(work, ignore_errors=True)
+    task.write(data)
+    test_sets = {"pairs": task.test, "statements": task.extra["test_statements"]}
+    rng = random.Random(seed)
+    curve_files = []
+    for split, records in test_sets.items():  # a few pairs per user: learning curves at a bearable cost
+        by_user = defaultdict(list)
+        for r in records:
+            by_user[r.user_id].append(r)
+        subset = [r for u in sorted(by_user) for r in rng.sample(by_user[u], min(size.curve_pairs_per_user,
+                                                                                 len(by_user[u])))]
+        _write_jsonl(data / f"curve_{split}.jsonl", subset)
+        curve_files.append(str(data / f"curve_{split}.jsonl"))
+
+    profiles = {info["profile_id"] for info in task.users.values() if info["seen"]}
+    all_methods = method_overrides(len(profiles))
+    chosen = methods or list(all_methods)
+    unknown = [m for m in chosen if m not in all_methods]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(all_methods)}")
+    steps_per_epoch = math.ceil(len(task.train) / 16)
+    total_steps = math.ceil(size.epochs * steps_per_epoch)
+    base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs, batch_size=16,
+                           lr=lr or (0.0 if model == "tiny" else 2e-4), seed=seed, threads=threads,
+                           eval_data=",".join(curve_files), eval_steps=max(1, total_steps // size.evals),
+                           report_to="none", max_length=160, max_prompt_length=128, log_steps=4,
+                           user_tokens=user_tokens)
+
+    seen = set(task.seen_users)
+    results: dict[str, dict] = {split: {} for split in SPLITS}
+    curves: dict[str, list] = {}
+    first_run: Path | None = None
+    for name in [m for m in chosen if all_methods[m] is not None] + [m for m in chosen if all_methods[m] is None]:
+        overrides = all_methods[name]
+        start = time.time()
+        if overrides is None:
+            if first_run is None:  # prompting scores a base; for tiny, that base is built and warmed up by a run
+                first_run = work / "runs" / "base_only"
+                train(replace(base_cfg, out=str(first_run), user_model="uniform", max_steps=1, eval_data=""),
+                      show_progress=False)
+            run = load_run(first_run)
+            train_seconds = 0.0
+        else:
+            run_dir = work / "runs" / name
+            summary = train(replace(base_cfg, out=str(run_dir), **overrides), show_progress=not quick)
+            train_seconds = summary["train_seconds"]
+            first_run = first_run or run_dir
+            run = load_run(run_dir)
+            curves[name] = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+        wall = time.time() - start
+        for split, file_stem in SPLITS.items():
+            records = test_sets[split]
+            if overrides is None:
+                pairs = encode_records(records, run.tokenizer, base_cfg.max_length, base_cfg.max_prompt_length,
+                                       use_user_text=True)
+                chosen_lp, rejected_lp = compute_reference_logps(run.model, pairs, run.tokenizer.pad_token_id)
+                margins = chosen_lp - rejected_lp
+            else:
+                cfg = run.config
+                pairs = encode_records(records, run.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                       cfg.use_user_text)
+                margins = implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id)
+            ev = per_user_accuracy(records, margins, run.registry if overrides is not None else _SeenOnly(seen))
+            results[split][name] = {
+                "mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
+                "unseen_accuracy": ev["unseen_accuracy"], "train_seconds": round(train_seconds, 1),
+                "wall_seconds": round(wall, 1),
+                "per_dimension_accuracy": per_dimension(records, task.record_dimensions[file_stem], margins, seen),
+                "config": overrides,
+            }
+        logger.info("%s: pairs %.3f / statements %.3f", name, results["pairs"][name]["mean_user_accuracy"],
+                    results["statements"][name]["mean_user_accuracy"])
+        write_outputs(out, results, curves, task, size, model, seed, dims, profiles, total_steps, threads, quick,
+                      user_tokens, plots=False)  # after each method: a killed run keeps what finished
+        print(f"{name}: mean seen-user accuracy {results['pairs'][name]['mean_user_accuracy']:.3f} (pairs), "
+              f"{results['statements'][name]['mean_user_accuracy']:.3f} (statements); train {train_seconds:.0f} s",
+              flush=True)
+
+    docs = write_outputs(out, results, curves, task, size, model, seed, dims, profiles, total_steps, threads, quick,
+                         user_tokens, plots=True)
+    if not keep_runs:
+        shutil.rmtree(work / "runs", ignore_errors=True)
+    return docs
+
+
+def write_outputs(out: Path, results: dict, curves: dict, task, size: PersonaSize, model: str, seed: int,
+                  dims: list[str], profiles: set, total_steps: int, threads: int, quick: bool, user_tokens: int,
+                  plots: bool) -> dict:
+    """results.json (split pairs), statements/results.json, curves.json, report.md (+ plots at the end)."""
+    common = {"n_users": size.n_seen, "n_unseen_users": size.n_unseen, "model": model, "seed": seed,
+              "dimensions": dims, "n_profiles": len(profiles), "n_train_pairs": len(task.train),
+              "epochs": size.epochs, "steps": total_steps, "user_tokens": user_tokens, "threads": threads,
+              "quick": quick,
+              "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
+              "data": {k: task.meta[k] for k in ("source", "n_train_statements", "n_test_statements",
+                                                 "train_pairs_per_user", "test_pairs_per_user",
+                                                 "majority_share")},
+              "attribution": ATTRIBUTION}
+    docs = {split: {"methods": results[split], **common, "split": split} for split in SPLITS}
+    _atomic_write(out / "results.json", json.dumps(docs["pairs"], indent=1) + "\n")
+    (out / "statements").mkdir(exist_ok=True)
+    _atomic_write(out / "statements" / "results.json", json.dumps(docs["statements"], indent=1) + "\n")
+    _atomic_write(out / "curves.json", json.dumps(curves, indent=1) + "\n")
+    _atomic_write(out / "report.md", render_report(docs, curves))
+    if plots:
+        plot_results(docs, curves, out)
+    return docs
+
+
+class _SeenOnly:
+    """Stands in for a registry when nothing was trained: a user is 'seen' when it has training pairs."""
+
+    def __init__(self, seen: set[str]):
+        self.seen = seen
+
+    def __contains__(self, user_id: str) -> bool:
+        return user_id in self.seen
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def render_report(docs: dict, curves: dict) -> str:
+    any_doc = docs["pairs"]
+    lines = [f"# Persona benchmark ({any_doc['model']})", "",
+             f"{any_doc['n_users']} seen + {any_doc['n_unseen_users']} unseen users, dimensions "
+             f"{', '.join(any_doc['dimensions'])} ({any_doc['n_profiles']} profiles among seen users), "
+             f"{any_doc['n_train_pairs']} training pairs, {any_doc['epochs']} epoch(s) = {any_doc['steps']} steps of "
+             f"16 pairs, seed {any_doc['seed']}, {any_doc['threads']} threads.", "",
+             f"Data: {ATTRIBUTION}", ""]
+    for split, doc in docs.items():
+        dims = sorted({d for r in doc["methods"].values() for d in r["per_dimension_accuracy"]})
+        lines += [f"## Split: {split}", "",
+                  "| method | mean seen-user acc | worst seen user | unseen users | " + " | ".join(dims)
+                  + " | train s |", "|---" * (5 + len(dims)) + "|"]
+        for name, r in doc["methods"].items():
+            lines.append(f"| {name} | {_f(r['mean_user_accuracy'])} | {_f(r['worst_user_accuracy'])} | "
+                         f"{_f(r['unseen_accuracy'])} | "
+                         + " | ".join(_f(r["per_dimension_accuracy"].get(d)) for d in dims)
+                         + f" | {r['train_seconds']:.0f} |")
+        lines.append("")
+    if curves:
+        lines += ["## Learning curves (mean seen-user accuracy on a per-user subset of each split)", "",
+                  "| method | split | " + " | ".join(f"step {row['step']}" for row in next(iter(curves.values()))
+                                                     if row["split"] == "curve_pairs") + " |"]
+        n = sum(1 for row in next(iter(curves.values())) if row["split"] == "curve_pairs")
+        lines.append("|---|---" + "|---" * n + "|")
+        for name, rows in curves.items():
+            for split in ("curve_pairs", "curve_statements"):
+                vals = [_f(row["mean_user_accuracy"]) for row in rows if row["split"] == split]
+                lines.append(f"| {name} | {split.removeprefix('curve_')} | " + " | ".join(vals) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_results(docs: dict, curves: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, (split, doc) in zip(axes, docs.items()):
+        names = list(doc["methods"])
+        for i, (key, label) in enumerate((("mean_user_accuracy", "mean seen user"),
+                                          ("worst_user_accuracy", "worst seen user"),
+                                          ("unseen_accuracy", "unseen users"))):
+            ys = [doc["methods"][m][key] or 0.0 for m in names]
+            ax.bar([x + (i - 1) * 0.27 for x in range(len(names))], ys, 0.27, label=label)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"split: {split}")
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel("held-out accuracy")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+        for ax, split in zip(axes, ("curve_pairs", "curve_statements")):
+            for name, rows in curves.items():
+                pts = [(r["step"], r["mean_user_accuracy"]) for r in rows if r["split"] == split]
+                ax.plot(*zip(*pts), marker="o", label=name)
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_title(f"learning curve, split {split.removeprefix('curve_')}")
+            ax.set_xlabel("optimizer step")
+        axes[0].set_ylabel("mean seen-user accuracy")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "learning_curves.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,53 @@
+"""The personalized reward model (P-RM, P-RLHF.md §4): r(x, y, e_u) = a scalar head on the backbone's last hidden
+state, with the user's soft tokens in `inputs_embeds` exactly as in the personalized LM.
+
+    tokens:  [BOS] [u_1 ... u_T] [prompt ...] [response ...] [pad ...]
+    reward:                                         head(h at the last real token)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prlhf.model.personalized import PersonalizedLM
+from prlhf.users.models import UserModel
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class PersonalizedRewardModel(PersonalizedLM):
+    """Same soft-token insertion as `PersonalizedLM`; `forward` returns rewards (S,) instead of log-probs.
+
+    It keeps `PersonalizedLM`'s call signature (labels are accepted and ignored) so the training loop,
+    evaluation and batching serve both objectives unchanged.
+    """
+
+    is_reward_model = True
+
+    def __init__(self, lm, user_model: UserModel, prefix_len: int, hidden_size: int):
+        super().__init__(lm, user_model, prefix_len)
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1))  # small: rewards start near 0
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                user_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (S,) of right-padded sequences (S, L), each under its user's tokens (user_idx (S,))."""
+        embeds, mask, _ = self.insert_user_tokens(input_ids, attention_mask, None, user_idx)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        # the LM head's logits are not needed: ask for one position only where the model allows it
+        extra = {"logits_to_keep": 1} if self.supports_logits_to_keep() else {}
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                      output_hidden_states=True, **extra)
+        hidden = out.hidden_states[-1]  # (S, L + T_u, d), after the final norm
+        last = mask.sum(-1) - 1  # (S,) right padding: the last real token
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (S, d)
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def reference_logps(self, *args, **kwargs):
+        raise TypeError("a reward model has no reference policy")
+
+    def generate(self, *args, **kwargs):
+        raise TypeError("a reward model does not generate text; use it to rerank a policy's samples (--rerank)")

@@ -1,0 +1,51 @@
+"""`prlhf bench persona` and `prlhf bench length` at toy sizes: the documented result files and their schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prlhf.bench import persona
+from prlhf.bench.length import run_length_bench
+from prlhf.cli.main import main
+from test_persona import _write_traits
+
+
+@pytest.mark.slow
+def test_persona_bench_writes_both_splits(tmp_path, monkeypatch):
+    monkeypatch.setattr(persona, "QUICK", persona.PersonaSize(6, 2, 10, 12, 4, 1, 2, 2))
+    data = _write_traits(tmp_path / "traits")
+    out = tmp_path / "out"
+    code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
+                 "--methods", "vanilla_dpo,p_dpo_individual,p_dpo_cluster,prompting"])
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["split"] == "pairs" and doc["model"] == "tiny" and doc["n_users"] == 6
+    assert set(doc["methods"]) == {"vanilla_dpo", "p_dpo_individual", "p_dpo_cluster", "prompting"}
+    for r in doc["methods"].values():
+        for key in ("mean_user_accuracy", "worst_user_accuracy", "unseen_accuracy", "train_seconds"):
+            assert isinstance(r[key], float), key
+        assert set(r["per_dimension_accuracy"]) == {"politics", "risk", "time"}
+    assert doc["methods"]["prompting"]["train_seconds"] == 0.0
+    assert "CC-BY-4.0" in doc["attribution"]
+    statements = json.loads((out / "statements" / "results.json").read_text())
+    assert statements["split"] == "statements" and set(statements["methods"]) == set(doc["methods"])
+    curves = json.loads((out / "curves.json").read_text())
+    assert {row["split"] for row in curves["p_dpo_individual"]} == {"curve_pairs", "curve_statements"}
+    assert (out / "report.md").is_file() and (out / "accuracy.png").is_file()
+    assert not (out / "work" / "runs").exists()
+    assert main(["bench", "persona", "--quick", "--out", str(out), "--methods", "dpo_magic",
+                 "--persona-dir", str(data)]) == 2
+
+
+@pytest.mark.slow
+def test_length_bench_table(tmp_path):
+    doc = run_length_bench(tmp_path, shares=(0.7,), quick=True, threads=1, n_users=4)
+    res = doc["shares"]["0.7"]
+    assert set(res["methods"]) == {"vanilla_dpo", "p_dpo_individual", "p_dpo_cluster"}
+    assert sum(res["n_seen_users_by_group"].values()) == 4
+    for r in res["methods"].values():
+        assert 0.0 <= r["majority_accuracy"] <= 1.0 and 0.0 <= r["minority_accuracy"] <= 1.0
+    assert "| 0.7 |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "minority_vs_share.png").is_file()
