@@ -21,7 +21,7 @@ from statistics import mean
 
 import torch
 
-from prlhf.config import TrainConfig
+from prlhf.config import TINY_LR, TrainConfig
 from prlhf.data.tasks import build_length_task, build_style_task
 from prlhf.evaluate.generation import generate_texts
 from prlhf.evaluate.run_eval import evaluate_run
@@ -46,7 +46,8 @@ def compare(task, work: Path, threads: int, seed: int, clusters: int) -> tuple[d
         run_dir = work / name
         start = time.time()
         extra = {"clusters": clusters} if overrides["user_model"] == "cluster" else {}
-        train(TrainConfig(data=str(paths["train"]), out=str(run_dir), model=base or "tiny", seed=seed,
+        # lr given explicitly: once `model` is the saved base folder, the tiny defaults no longer apply
+        train(TrainConfig(data=str(paths["train"]), out=str(run_dir), model=base or "tiny", seed=seed, lr=TINY_LR,
                           sft_steps=-1 if base is None else 0, threads=threads, report_to="none",
                           **overrides, **extra), show_progress=False)
         base = base or str(run_dir / "base")  # one warmed-up tiny base shared by every method

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
+from prlhf.data.tasks import build_length_task
 from prlhf.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 # Reference log-prob caches go to a throwaway folder, for this process and the subprocesses tests start.
@@ -51,3 +54,28 @@ def tiny_architecture(arch: str, tokenizer, seed: int = 0):
 
 
 ARCHITECTURES = ["llama", "gpt2", "qwen2", "gpt_neox"]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """A 4-user length task shared by the training tests (3 seen users x 12 pairs = 9 batches of 4)."""
+    task = build_length_task(n_seen_users=3, n_unseen_users=1, n_prompts=40, train_pairs_per_user=12,
+                             test_pairs_per_user=4, seed=0)
+    out = tmp_path_factory.mktemp("task") / "data"
+    task.write(out)
+    return out
+
+
+def write_persona_traits(folder: Path, n: int = 20) -> Path:
+    """A fake persona folder in the upstream format: half the statements answered ' Yes' by the trait."""
+    folder.mkdir(parents=True, exist_ok=True)
+    from prlhf.data.tasks.persona import DIMENSIONS
+
+    for dim, poles in DIMENSIONS.items():
+        for pole in poles:
+            rows = [{"question": f"Is the following statement something you would say?\n\"{pole} says {i}\"",
+                     "statement": f"{pole} says {i}", "label_confidence": 0.9,
+                     "answer_matching_behavior": " Yes" if i % 2 else " No",
+                     "answer_not_matching_behavior": " No" if i % 2 else " Yes"} for i in range(n)]
+            (folder / f"{pole}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

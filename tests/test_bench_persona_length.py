@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import write_persona_traits
 
 from prlhf.bench import persona
 from prlhf.bench.length import run_length_bench
 from prlhf.cli.main import main
-from test_persona import _write_traits
 
 
 @pytest.mark.slow
 def test_persona_bench_writes_both_splits(tmp_path, monkeypatch):
     monkeypatch.setattr(persona, "QUICK", persona.PersonaSize(6, 2, 10, 12, 4, 1, 2, 2))
-    data = _write_traits(tmp_path / "traits")
+    data = write_persona_traits(tmp_path / "traits")
     out = tmp_path / "out"
     code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
                  "--methods", "vanilla_dpo,p_dpo_individual,p_dpo_cluster,prompting"])
@@ -34,7 +34,7 @@ def test_persona_bench_writes_both_splits(tmp_path, monkeypatch):
     curves = json.loads((out / "curves.json").read_text())
     assert {row["split"] for row in curves["p_dpo_individual"]} == {"curve_pairs", "curve_statements"}
     assert (out / "report.md").is_file() and (out / "accuracy.png").is_file()
-    assert not (out / "work" / "runs").exists()
+    assert not (out / "work").exists()  # neither runs nor data derived from the persona files stay behind
     assert main(["bench", "persona", "--quick", "--out", str(out), "--methods", "dpo_magic",
                  "--persona-dir", str(data)]) == 2
 

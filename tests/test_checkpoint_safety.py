@@ -14,8 +14,8 @@ from prlhf.cli.main import main
 from prlhf.train.checkpoint import list_checkpoints
 from prlhf.train.loop import train
 from test_invariants import metric_rows
-from test_train_resume import (assert_same_weights, cli_flags, config, interrupt_after_step_2,  # noqa: F401
-                               sigkill_train_when, task_dir)
+from test_train_resume import (assert_same_weights, cli_flags, config, interrupt_after_step_2,
+                               sigkill_train_when)
 
 # The child runs `prlhf train` through the real CLI; writing checkpoint step-4 stops right after its weights file
 # (the temporary folder then holds the RNG state and model.safetensors, no optimizer, no trainer_state.json) and

@@ -18,7 +18,7 @@ import yaml
 
 from prlhf.train.loop import train
 from test_invariants import max_weight_difference, metric_rows
-from test_train_resume import cli_flags, config, task_dir  # noqa: F401
+from test_train_resume import cli_flags, config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 # No supervised warm-up (its batches follow --batch-size, which differs per process count) and no dropout (each

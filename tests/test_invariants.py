@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from prlhf.train.loop import train
-from test_train_resume import config, task_dir, trained_weights  # noqa: F401
+from test_train_resume import config, trained_weights
 
 # No supervised warm-up (its batches follow --batch-size, which the two runs set differently) and no dropout
 # (masks are drawn per micro-batch: 8 draws of 1 row are not one draw of 8 rows).

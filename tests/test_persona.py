@@ -7,32 +7,26 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from conftest import write_persona_traits
 
 from prlhf.data.schema import DataError
-from prlhf.data.tasks.persona import (DIMENSIONS, Statement, build_persona_task, load_statements, profile_text,
-                                      resolve_dimensions)
+from prlhf.data.tasks.persona import (
+    DIMENSIONS,
+    Statement,
+    build_persona_task,
+    load_statements,
+    profile_text,
+    resolve_dimensions,
+)
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "anthropic-persona"
 SMALL = dict(n_seen_users=12, n_unseen_users=4, statements_per_pole=20, train_pairs_per_user=20,
              test_pairs_per_user=6, dimensions=["politics", "risk"])
 
 
-def _write_traits(folder: Path, n: int = 20) -> Path:
-    """A fake persona folder in the upstream format: half the statements answered ' Yes' by the trait."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for dim, poles in DIMENSIONS.items():
-        for pole in poles:
-            rows = [{"question": f"Is the following statement something you would say?\n\"{pole} says {i}\"",
-                     "statement": f"{pole} says {i}", "label_confidence": 0.9,
-                     "answer_matching_behavior": " Yes" if i % 2 else " No",
-                     "answer_not_matching_behavior": " No" if i % 2 else " Yes"} for i in range(n)]
-            (folder / f"{pole}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def fake_dir(tmp_path_factory) -> Path:
-    return _write_traits(tmp_path_factory.mktemp("persona"))
+    return write_persona_traits(tmp_path_factory.mktemp("persona"))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +90,7 @@ def test_write_keeps_attribution_and_extra_split(task, tmp_path) -> None:
 
 
 def test_bad_files_name_file_line_and_field(tmp_path) -> None:
-    folder = _write_traits(tmp_path / "p", n=4)
+    folder = write_persona_traits(tmp_path / "p", n=4)
     path = folder / "risk-averse.jsonl"
     lines = path.read_text().splitlines()
     lines[2] = json.dumps({"question": "q", "statement": "s", "answer_matching_behavior": " Maybe"})
@@ -105,6 +99,14 @@ def test_bad_files_name_file_line_and_field(tmp_path) -> None:
         load_statements(folder, {"risk": DIMENSIONS["risk"]})
     assert "risk-averse.jsonl" in str(exc.value) and "line 3" in str(exc.value)
     assert "answer_matching_behavior" in str(exc.value)
+    for bad, field in (("[1, 2]", "expected a JSON object"), ('{"question": "q", "statement": "s", '
+                       '"answer_matching_behavior": " Yes", "label_confidence": "high"}', "label_confidence"),
+                       ("{not json", "invalid JSON")):
+        lines[2] = bad
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=field) as exc:
+            load_statements(folder, {"risk": DIMENSIONS["risk"]})
+        assert "line 3" in str(exc.value)
     with pytest.raises(DataError, match="trait file not found"):
         load_statements(tmp_path / "missing", {"risk": DIMENSIONS["risk"]})
     with pytest.raises(ValueError, match="unknown dimension"):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, tiny_architecture
+
 from prlhf.cli.main import main
 from prlhf.config import ConfigError, TrainConfig
 from prlhf.data.loading import load_records

@@ -9,7 +9,7 @@ import pytest
 from prlhf.config import ConfigError, TrainConfig
 from prlhf.train import metrics
 from prlhf.train.loop import train
-from test_train_resume import config, task_dir  # noqa: F401
+from test_train_resume import config
 
 SHORT = dict(max_steps=4, save_steps=100)
 

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from prlhf.cli.main import main
 from prlhf.config import TrainConfig, load_config_file
 from prlhf.data.loading import load_records
-from prlhf.data.tasks import build_length_task
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.model.run_dir import load_run
 from prlhf.train.checkpoint import list_checkpoints
@@ -32,15 +31,6 @@ METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 # Same CPU kernels in the same order on the same machine give bit-identical weights; atol=1e-6 leaves room only
 # for float noise, never for a different batch, dropout mask or learning rate (those move weights by ~1e-3).
 ATOL = 1e-6
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    task = build_length_task(n_seen_users=3, n_unseen_users=1, n_prompts=40, train_pairs_per_user=12,
-                             test_pairs_per_user=4, seed=0)
-    out = tmp_path_factory.mktemp("task") / "data"
-    task.write(out)
-    return out
 
 
 def config(task_dir: Path, out: Path, **overrides) -> TrainConfig:

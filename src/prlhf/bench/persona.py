@@ -47,7 +47,7 @@ class PersonaSize:
 
 QUICK = PersonaSize(32, 8, 30, 40, 12, 4, 4, 4)
 FULL_TINY = PersonaSize(128, 32, 100, 60, 20, 4, 4, 6)
-FULL_PRETRAINED = PersonaSize(64, 16, 40, 16, 8, 1, 2, 4)
+FULL_PRETRAINED = PersonaSize(64, 16, 12, 16, 8, 1, 2, 4)
 
 
 def method_overrides(n_profiles: int) -> dict[str, dict | None]:
@@ -80,13 +80,16 @@ def per_dimension(records, dims: list[str], margins: torch.Tensor, seen: set[str
 def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None, quick: bool = False,
                       threads: int = 2, seed: int = 0, methods: list[str] | None = None,
                       dimensions: list[str] | None = None, lr: float = 0.0, epochs: float | None = None,
-                      data_dir: str | None = None, keep_runs: bool = False, user_tokens: int = 10) -> dict:
+                      data_dir: str | None = None, keep_runs: bool = False, user_tokens: int = 10,
+                      statements_per_pole: int | None = None) -> dict:
     torch.set_num_threads(threads)
     size = QUICK if quick else (FULL_TINY if model == "tiny" else FULL_PRETRAINED)
     if n_users:
         size = replace(size, n_seen=n_users, n_unseen=max(1, n_users // 4))
     if epochs:
         size = replace(size, epochs=epochs)
+    if statements_per_pole:
+        size = replace(size, statements_per_pole=statements_per_pole)
     dims = dimensions or ["politics", "risk", "time"]
     task = build_persona_task(n_seen_users=size.n_seen, n_unseen_users=size.n_unseen, dimensions=dims,
                               statements_per_pole=size.statements_per_pole,
@@ -118,7 +121,7 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     steps_per_epoch = math.ceil(len(task.train) / 16)
     total_steps = math.ceil(size.epochs * steps_per_epoch)
     base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs, batch_size=16,
-                           lr=lr or (0.0 if model == "tiny" else 2e-4), seed=seed, threads=threads,
+                           lr=lr or (0.0 if model == "tiny" else 1e-3), seed=seed, threads=threads,
                            eval_data=",".join(curve_files), eval_steps=max(1, total_steps // size.evals),
                            report_to="none", max_length=160, max_prompt_length=128, log_steps=4,
                            user_tokens=user_tokens)
@@ -175,8 +178,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
 
     docs = write_outputs(out, results, curves, task, size, model, seed, dims, profiles, total_steps, threads, quick,
                          user_tokens, plots=True)
-    if not keep_runs:
-        shutil.rmtree(work / "runs", ignore_errors=True)
+    if not keep_runs:  # the data derived from the persona files stays out of the results folder too
+        shutil.rmtree(work, ignore_errors=True)
     return docs
 
 

@@ -1,4 +1,4 @@
-"""`prlhf` command line: train, eval, generate, data validate/build, demo."""
+"""`prlhf` command line: train, eval, generate, score, data validate|build, demo, adapt, users, bench."""
 
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def cmd_bench_persona(args) -> int:
         run_persona_bench(Path(args.out), model=args.model, n_users=args.users, quick=args.quick,
                           threads=args.threads, seed=args.seed, methods=split(args.methods),
                           dimensions=split(args.dimensions), lr=args.lr, epochs=args.epochs,
-                          data_dir=args.persona_dir, keep_runs=args.keep_runs, user_tokens=args.user_tokens)
+                          data_dir=args.persona_dir, keep_runs=args.keep_runs, user_tokens=args.user_tokens,
+                          statements_per_pole=args.statements_per_pole)
     except ValueError as exc:
         raise ConfigError(f"bench persona: {exc}") from None
     return 0
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a personalized (or vanilla) DPO run",
+    t = sub.add_parser("train", help="train a personalized (or vanilla) DPO run, or a reward model (--objective rm)",
                        description="Train P-DPO: LoRA on the LM and a user model, jointly. Flags override --config.")
     t.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the keys below (flags win)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -267,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "p_dpo_individual, p_dpo_cluster, p_dpo_cluster_small, p_dpo_individual_text")
     pe.add_argument("--dimensions", help="comma-separated (default politics,risk,time)")
     pe.add_argument("--epochs", type=float, help="override the size preset's epochs")
-    pe.add_argument("--lr", type=float, default=0.0, help="adapter learning rate (0 = 1e-3 tiny, 2e-4 otherwise)")
+    pe.add_argument("--lr", type=float, default=0.0, help="adapter learning rate (0 = 1e-3; the user model gets 30x)")
     pe.add_argument("--persona-dir", help="folder of <trait>.jsonl files (default ../shared/data/anthropic-persona)")
     pe.add_argument("--user-tokens", type=int, default=10, help="T_u, soft tokens per user (default 10)")
+    pe.add_argument("--statements-per-pole", type=int, help="statements drawn per trait file (fewer = each is rated by "
+                                                            "more users; default 30 quick, 100 tiny, 12 pretrained)")
     pe.add_argument("--seed", type=int, default=0)
-    pe.add_argument("--keep-runs", action="store_true", help="keep the trained runs under OUT/work/runs")
+    pe.add_argument("--keep-runs", action="store_true", help="keep the data and trained runs under OUT/work (removed by default)")
     pe.set_defaults(func=cmd_bench_persona)
     le = bsub.add_parser("length", help="the paper's experiment 1: majority vs minority accuracy per method, for "
                                         "majority shares p = 0.5, 0.7, 0.9 (tiny model)")

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tokenize import encode_records
+from prlhf.data.tokenize import collate_pairs, encode_records
 from prlhf.model.run_dir import LoadedRun, RunError, load_run
 from prlhf.train.batching import length_sorted_batches
-from prlhf.data.tokenize import collate_pairs
 
 
 def require_reward_run(run: LoadedRun) -> LoadedRun:

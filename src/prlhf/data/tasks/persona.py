@@ -109,23 +109,34 @@ def load_statements(data_dir: str | Path, dimensions: dict[str, tuple[str, str]]
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(str(path), f"invalid JSON: {e.msg}", location=f"line {lineno}") from None
-                    for key in ("question", "statement", "answer_matching_behavior"):
-                        if not isinstance(row.get(key), str):
-                            raise DataError(str(path), "missing or not a string", location=f"line {lineno}", field=key)
-                    matching = row["answer_matching_behavior"].strip()
-                    if matching not in ("Yes", "No"):
-                        raise DataError(str(path), f"expected ' Yes' or ' No', got {matching!r}", location=f"line {lineno}",
-                                        field="answer_matching_behavior")
-                    if float(row.get("label_confidence", 1.0)) < min_confidence or row["statement"] in seen:
+                    question, statement, matching, confidence = _parse_line(line, str(path), f"line {lineno}")
+                    if confidence < min_confidence or statement in seen:
                         continue
-                    seen.add(row["statement"])
-                    rows.append(Statement(dim, pole, row["question"], matching))
+                    seen.add(statement)
+                    rows.append(Statement(dim, pole, question, matching))
         out[dim] = rows
     return out
+
+
+def _parse_line(line: str, source: str, where: str) -> tuple[str, str, str, float]:
+    """(question, statement, matching answer "Yes"/"No", label confidence) of one upstream JSONL line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(source, f"invalid JSON: {e.msg}", location=where) from None
+    if not isinstance(row, dict):
+        raise DataError(source, f"expected a JSON object, got {type(row).__name__}", location=where)
+    for key in ("question", "statement", "answer_matching_behavior"):
+        if not isinstance(row.get(key), str):
+            raise DataError(source, "missing or not a string", location=where, field=key)
+    matching = row["answer_matching_behavior"].strip()
+    if matching not in ("Yes", "No"):
+        raise DataError(source, f"expected ' Yes' or ' No', got {matching!r}", location=where,
+                        field="answer_matching_behavior")
+    confidence = row.get("label_confidence", 1.0)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+        raise DataError(source, f"expected a number, got {confidence!r}", location=where, field="label_confidence")
+    return row["question"], row["statement"], matching, float(confidence)
 
 
 def profile_text(profile: dict[str, str]) -> str:
