@@ -84,7 +84,8 @@ def render(doc: dict) -> str:
         g = res["n_seen_users_by_group"]
         for name, r in res["methods"].items():
             lines.append(f"| {p} | {g[MAJORITY]}/{g[MINORITY]} | {name} | {_f(r['majority_accuracy'])} | "
-                         f"{_f(r['minority_accuracy'])} | {_f(r['worst_user_accuracy'])} | {_f(r['unseen_accuracy'])} |")
+                         f"{_f(r['minority_accuracy'])} | {_f(r['worst_user_accuracy'])} | "
+                         f"{_f(r['unseen_accuracy'])} |")
     return "\n".join(lines) + "\n"
 
 

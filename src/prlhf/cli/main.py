@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--statements-per-pole", type=int, help="statements drawn per trait file (fewer = each is rated by "
                                                             "more users; default 30 quick, 100 tiny, 12 pretrained)")
     pe.add_argument("--seed", type=int, default=0)
-    pe.add_argument("--keep-runs", action="store_true", help="keep the data and trained runs under OUT/work (removed by default)")
+    pe.add_argument("--keep-runs", action="store_true",
+                    help="keep the data and trained runs under OUT/work (removed by default)")
     pe.set_defaults(func=cmd_bench_persona)
     le = bsub.add_parser("length", help="the paper's experiment 1: majority vs minority accuracy per method, for "
                                         "majority shares p = 0.5, 0.7, 0.9 (tiny model)")

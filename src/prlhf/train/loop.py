@@ -151,7 +151,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     elif config.resume:
         logger.info("--resume: no checkpoint in %s, starting from scratch", run_dir)
     save_every = config.save_steps or steps_per_epoch
-    bar = tqdm(total=total_steps, initial=step, desc=("P-RM" if with_users else "RM") if is_rm else ("P-DPO" if with_users else "DPO"), disable=not show)
+    desc = ("P-RM" if with_users else "RM") if is_rm else ("P-DPO" if with_users else "DPO")
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not show)
     start = time.time()
     model.train()
     while step < total_steps:
@@ -211,7 +212,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     bar.close()
 
     summary = {"steps": step, "train_seconds": round(time.time() - start, 2), "n_pairs": len(pairs),
-               "n_users": len(registry), "user_model": config.user_model, "model": config.model, "objective": config.objective}
+               "n_users": len(registry), "user_model": config.user_model, "model": config.model,
+               "objective": config.objective}
     accelerator.wait_for_everyone()
     if is_main:
         save_run(run_dir, accelerator.unwrap_model(model), tokenizer, registry, summary)
