@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 
 from prlhf.config import TrainConfig
-from prlhf.data.tasks.common import _atomic_write, record_to_dict
+from prlhf.data.tasks.common import _atomic_write, write_jsonl
 from prlhf.data.tasks.persona import ATTRIBUTION, build_persona_task
 from prlhf.data.tokenize import encode_records
 from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.model.run_dir import load_run
 from prlhf.train.loop import train
-from prlhf.train.reference import compute_reference_logps
+from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 
 logger = logging.getLogger(__name__)
+BATCH_PAIRS = 16
 SPLITS = {"pairs": "test", "statements": "test_statements"}
 
 
@@ -61,10 +62,6 @@ def method_overrides(n_profiles: int) -> dict[str, dict | None]:
         "p_dpo_cluster_small": {"user_model": "cluster", "clusters": max(2, n_profiles // 4), "use_user_text": False},
         "p_dpo_individual_text": {"user_model": "individual", "use_user_text": True},
     }
-
-
-def _write_jsonl(path: Path, records) -> None:
-    _atomic_write(path, "".join(json.dumps(record_to_dict(r)) + "\n" for r in records))
 
 
 def per_dimension(records, dims: list[str], margins: torch.Tensor, seen: set[str]) -> dict[str, float]:
@@ -109,7 +106,7 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
             by_user[r.user_id].append(r)
         subset = [r for u in sorted(by_user) for r in rng.sample(by_user[u], min(size.curve_pairs_per_user,
                                                                                  len(by_user[u])))]
-        _write_jsonl(data / f"curve_{split}.jsonl", subset)
+        write_jsonl(data / f"curve_{split}.jsonl", subset)
         curve_files.append(str(data / f"curve_{split}.jsonl"))
 
     profiles = {info["profile_id"] for info in task.users.values() if info["seen"]}
@@ -118,9 +115,10 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     unknown = [m for m in chosen if m not in all_methods]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(all_methods)}")
-    steps_per_epoch = math.ceil(len(task.train) / 16)
+    steps_per_epoch = math.ceil(len(task.train) / BATCH_PAIRS)
     total_steps = math.ceil(size.epochs * steps_per_epoch)
-    base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs, batch_size=16,
+    base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs,
+                           batch_size=BATCH_PAIRS,
                            lr=lr or (0.0 if model == "tiny" else 1e-3), seed=seed, threads=threads,
                            eval_data=",".join(curve_files), eval_steps=max(1, total_steps // size.evals),
                            report_to="none", max_length=160, max_prompt_length=128, log_steps=4,
@@ -150,17 +148,20 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
         wall = time.time() - start
         for split, file_stem in SPLITS.items():
             records = test_sets[split]
-            if overrides is None:
-                pairs = encode_records(records, run.tokenizer, base_cfg.max_length, base_cfg.max_prompt_length,
-                                       use_user_text=True)
-                chosen_lp, rejected_lp = compute_reference_logps(run.model, pairs, run.tokenizer.pad_token_id)
-                margins = chosen_lp - rejected_lp
+            cfg = run.config
+            with_text = cfg.use_user_text or overrides is None  # prompting: the profile text before the prompt
+            pairs = encode_records(records, run.tokenizer, cfg.max_length, cfg.max_prompt_length, with_text)
+            # the base is shared across methods (same seed): its log-probs come from the on-disk cache after the
+            # first method that saw these tokens
+            reference = cached_reference_logps(run.model, pairs, run.tokenizer.pad_token_id,
+                                               reference_cache_dir(cfg.reference_cache))
+            if overrides is None:  # the untrained base's own preference
+                margins = reference[0] - reference[1]
             else:
-                cfg = run.config
-                pairs = encode_records(records, run.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                       cfg.use_user_text)
-                margins = implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id)
-            ev = per_user_accuracy(records, margins, run.registry if overrides is not None else _SeenOnly(seen))
+                margins = implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id,
+                                                  reference=reference)
+            # an untrained base has no registry: a user is 'seen' when it has training pairs
+            ev = per_user_accuracy(records, margins, run.registry if overrides is not None else seen)
             results[split][name] = {
                 "mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
                 "unseen_accuracy": ev["unseen_accuracy"], "train_seconds": round(train_seconds, 1),
@@ -207,16 +208,6 @@ def write_outputs(out: Path, results: dict, curves: dict, task, size: PersonaSiz
     return docs
 
 
-class _SeenOnly:
-    """Stands in for a registry when nothing was trained: a user is 'seen' when it has training pairs."""
-
-    def __init__(self, seen: set[str]):
-        self.seen = seen
-
-    def __contains__(self, user_id: str) -> bool:
-        return user_id in self.seen
-
-
 def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -227,7 +218,7 @@ def render_report(docs: dict, curves: dict) -> str:
              f"{any_doc['n_users']} seen + {any_doc['n_unseen_users']} unseen users, dimensions "
              f"{', '.join(any_doc['dimensions'])} ({any_doc['n_profiles']} profiles among seen users), "
              f"{any_doc['n_train_pairs']} training pairs, {any_doc['epochs']} epoch(s) = {any_doc['steps']} steps of "
-             f"16 pairs, seed {any_doc['seed']}, {any_doc['threads']} threads.", "",
+             f"{BATCH_PAIRS} pairs, seed {any_doc['seed']}, {any_doc['threads']} threads.", "",
              f"Data: {ATTRIBUTION}", ""]
     for split, doc in docs.items():
         dims = sorted({d for r in doc["methods"].values() for d in r["per_dimension_accuracy"]})

@@ -8,7 +8,7 @@ know are unseen and scored with the generic embedding e_0.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -51,8 +51,9 @@ def implicit_reward_margins(model: PersonalizedLM, pairs: Sequence[EncodedPair],
 
 
 def per_user_accuracy(records: Sequence[PreferenceRecord], margins: torch.Tensor,
-                      registry: UserRegistry) -> dict:
-    """The eval JSON: pooled accuracy, mean and worst over seen users, unseen pooled, and each user's figures."""
+                      registry: UserRegistry | Container[str]) -> dict:
+    """The eval JSON: pooled accuracy, mean and worst over seen users, unseen pooled, and each user's figures.
+    `registry` only answers whether a user was seen (a set of ids does too)."""
     correct, total = defaultdict(int), defaultdict(int)
     for rec, m in zip(records, margins.tolist()):
         correct[rec.user_id] += m > 0

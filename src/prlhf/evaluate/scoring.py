@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tokenize import collate_pairs, encode_records
+from prlhf.data.tokenize import encode_records
 from prlhf.model.run_dir import LoadedRun, RunError, load_run
-from prlhf.train.batching import length_sorted_batches
+from prlhf.train.batching import PairCollator, length_sorted_batches
 
 
 def require_reward_run(run: LoadedRun) -> LoadedRun:
@@ -31,16 +31,14 @@ def score_responses(run: LoadedRun, user_ids: Sequence[str], prompts: Sequence[s
     records = [PreferenceRecord(u, p, r, r, t) for u, p, r, t in zip(user_ids, prompts, responses, texts)]
     cfg = run.config
     pairs = encode_records(records, run.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.use_user_text)
-    users = run.registry.indices(list(user_ids))
+    collate = PairCollator(pairs, run.registry, run.tokenizer.pad_token_id)
     device = run.model.lm.get_input_embeddings().weight.device
     out = torch.zeros(len(pairs))
     for batch_idx in length_sorted_batches(pairs, batch_size):
-        idx = torch.tensor(batch_idx)
-        batch = collate_pairs([pairs[i] for i in batch_idx], users[idx], idx, run.tokenizer.pad_token_id)
-        n = len(batch_idx)  # rows [0, n) hold prompt + response (the "rejected" copy is not needed)
-        rewards = run.model(batch.input_ids[:n].to(device), batch.attention_mask[:n].to(device), None,
-                            batch.user_idx.to(device))
-        out[idx] = rewards.float().cpu()
+        batch = collate(batch_idx).to(device)
+        n = len(batch)  # rows [0, n) hold prompt + response (the "rejected" copy is not needed)
+        rewards = run.model(batch.input_ids[:n], batch.attention_mask[:n], None, batch.user_idx)
+        out[batch.example_idx.cpu()] = rewards.float().cpu()
     return out.tolist()
 
 

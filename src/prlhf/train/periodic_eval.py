@@ -44,7 +44,7 @@ class PeriodicEval:
         rows = []
         for name, pairs in self.pairs.items():
             if name not in self.reference and not getattr(model, "is_reward_model", False):
-                self.reference[name] = compute_reference_logps(model, pairs, self.pad_id)
+                self.reference[name] = compute_reference_logps(model, pairs, self.pad_id, show_progress=False)
             margins = implicit_reward_margins(model, pairs, self.registry, self.pad_id,
                                               reference=self.reference.get(name))
             result = per_user_accuracy(self.records[name], margins, self.registry)

@@ -43,11 +43,11 @@ class Task:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "users": out / "users.json"}
-        _atomic_write(paths["train"], "".join(_jsonl_line(r) for r in self.train))
-        _atomic_write(paths["test"], "".join(_jsonl_line(r) for r in self.test))
+        write_jsonl(paths["train"], self.train)
+        write_jsonl(paths["test"], self.test)
         for name, records in self.extra.items():
             paths[name] = out / f"{name}.jsonl"
-            _atomic_write(paths[name], "".join(_jsonl_line(r) for r in records))
+            write_jsonl(paths[name], records)
         if self.record_dimensions:
             paths["record_dimensions"] = out / "record_dimensions.json"
             _atomic_write(paths["record_dimensions"], json.dumps(self.record_dimensions) + "\n")
@@ -69,8 +69,9 @@ def record_to_dict(record: PreferenceRecord) -> dict[str, Any]:
     return d
 
 
-def _jsonl_line(record: PreferenceRecord) -> str:
-    return json.dumps(record_to_dict(record), ensure_ascii=False) + "\n"
+def write_jsonl(path: Path, records: Sequence[PreferenceRecord]) -> None:
+    """One record per line, written atomically."""
+    _atomic_write(path, "".join(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n" for r in records))
 
 
 def _atomic_write(path: Path, text: str) -> None:

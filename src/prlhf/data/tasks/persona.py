@@ -192,8 +192,7 @@ def build_persona_task(
     users: dict[str, dict] = {}
     for i, uid in enumerate(ids):
         profile = {d: (a if rng.random() < majority_share else b) for d, (a, b) in dims.items()}
-        users[uid] = {"seen": i < n_seen_users, "profile": profile,
-                      "profile_id": "".join("A" if profile[d] == dims[d][0] else "B" for d in dims)}
+        users[uid] = {"seen": i < n_seen_users, "profile": profile, "profile_id": _profile_id(profile, dims)}
     _ensure_both_poles(users, dims, ids[:n_seen_users], rng)
 
     def record(uid: str, s: Statement) -> PreferenceRecord:
@@ -234,6 +233,11 @@ def build_persona_task(
     return task
 
 
+def _profile_id(profile: dict[str, str], dims: dict[str, tuple[str, str]]) -> str:
+    """"AB..": A where the user holds a dimension's first pole, B the second (users with one id share a profile)."""
+    return "".join("A" if profile[d] == dims[d][0] else "B" for d in dims)
+
+
 def _ensure_both_poles(users: dict[str, dict], dims: dict[str, tuple[str, str]], seen: list[str],
                        rng: random.Random) -> None:
     """A dimension on which every seen user agrees cannot test personalization: flip one random user there."""
@@ -242,5 +246,4 @@ def _ensure_both_poles(users: dict[str, dict], dims: dict[str, tuple[str, str]],
         if len(poles) == 1:
             uid = rng.choice(seen)
             users[uid]["profile"][dim] = b if a in poles else a
-            users[uid]["profile_id"] = "".join("A" if users[uid]["profile"][d] == dims[d][0] else "B"
-                                               for d in dims)
+            users[uid]["profile_id"] = _profile_id(users[uid]["profile"], dims)
