@@ -17,12 +17,23 @@ def test_persona_bench_writes_both_splits(tmp_path, monkeypatch):
     monkeypatch.setattr(persona, "QUICK", persona.PersonaSize(6, 2, 10, 12, 4, 1, 2, 2))
     data = write_persona_traits(tmp_path / "traits")
     out = tmp_path / "out"
+    configs = []
+
+    def recording_train(cfg, **kwargs):
+        configs.append(cfg)
+        return real_train(cfg, **kwargs)
+
+    real_train = persona.train
+    monkeypatch.setattr(persona, "train", recording_train)
     code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
-                 "--methods", "vanilla_dpo,p_dpo_individual,p_dpo_cluster,prompting"])
+                 "--methods", "vanilla_dpo,p_dpo_individual,p_dpo_cluster,prompting", "--curve-points", "5",
+                 "--user-lr", "0.02"])
     assert code == 0
+    assert [c.user_lr for c in configs] == [0.02] * 3
     doc = json.loads((out / "results.json").read_text())
-    assert doc["split"] == "pairs" and doc["model"] == "tiny" and doc["n_users"] == 6
-    assert set(doc["methods"]) == {"vanilla_dpo", "p_dpo_individual", "p_dpo_cluster", "prompting"}
+    assert doc["split"] == "pairs" and doc["model"] == "tiny" and doc["n_users"] == 6 and doc["user_lr"] == 0.02
+    # prompting right after the first trained method: a run cut short still has it
+    assert list(doc["methods"]) == ["vanilla_dpo", "prompting", "p_dpo_individual", "p_dpo_cluster"]
     for r in doc["methods"].values():
         for key in ("mean_user_accuracy", "worst_user_accuracy", "unseen_accuracy", "train_seconds"):
             assert isinstance(r[key], float), key
@@ -33,6 +44,7 @@ def test_persona_bench_writes_both_splits(tmp_path, monkeypatch):
     assert statements["split"] == "statements" and set(statements["methods"]) == set(doc["methods"])
     curves = json.loads((out / "curves.json").read_text())
     assert {row["split"] for row in curves["p_dpo_individual"]} == {"curve_pairs", "curve_statements"}
+    assert sum(row["split"] == "curve_pairs" for row in curves["p_dpo_individual"]) == 5  # 5 steps
     assert (out / "report.md").is_file() and (out / "accuracy.png").is_file()
     assert not (out / "work").exists()  # neither runs nor data derived from the persona files stay behind
     assert main(["bench", "persona", "--quick", "--out", str(out), "--methods", "dpo_magic",

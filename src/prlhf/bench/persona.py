@@ -78,8 +78,10 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                       threads: int = 2, seed: int = 0, methods: list[str] | None = None,
                       dimensions: list[str] | None = None, lr: float = 0.0, epochs: float | None = None,
                       data_dir: str | None = None, keep_runs: bool = False, user_tokens: int = 10,
-                      statements_per_pole: int | None = None) -> dict:
+                      statements_per_pole: int | None = None, curve_points: int | None = None,
+                      user_lr: float = 0.0) -> dict:
     torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     size = QUICK if quick else (FULL_TINY if model == "tiny" else FULL_PRETRAINED)
     if n_users:
         size = replace(size, n_seen=n_users, n_unseen=max(1, n_users // 4))
@@ -87,6 +89,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
         size = replace(size, epochs=epochs)
     if statements_per_pole:
         size = replace(size, statements_per_pole=statements_per_pole)
+    if curve_points:
+        size = replace(size, evals=curve_points)
     dims = dimensions or ["politics", "risk", "time"]
     task = build_persona_task(n_seen_users=size.n_seen, n_unseen_users=size.n_unseen, dimensions=dims,
                               statements_per_pole=size.statements_per_pole,
@@ -119,16 +123,20 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     total_steps = math.ceil(size.epochs * steps_per_epoch)
     base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs,
                            batch_size=BATCH_PAIRS,
-                           lr=lr or (0.0 if model == "tiny" else 1e-3), seed=seed, threads=threads,
+                           lr=lr or (0.0 if model == "tiny" else 1e-3), user_lr=user_lr, seed=seed, threads=threads,
                            eval_data=",".join(curve_files), eval_steps=max(1, total_steps // size.evals),
                            report_to="none", max_length=160, max_prompt_length=128, log_steps=4,
                            user_tokens=user_tokens)
+    settings = run_settings(task, size, base_cfg, dims, profiles, total_steps, quick)
 
     seen = set(task.seen_users)
     results: dict[str, dict] = {split: {} for split in SPLITS}
     curves: dict[str, list] = {}
     first_run: Path | None = None
-    for name in [m for m in chosen if all_methods[m] is not None] + [m for m in chosen if all_methods[m] is None]:
+    trained = [m for m in chosen if all_methods[m] is not None]
+    # prompting reuses the first trained run's base, so it goes right after it (not last: a cut-off run keeps it)
+    order = trained[:1] + [m for m in chosen if all_methods[m] is None] + trained[1:]
+    for name in order:
         overrides = all_methods[name]
         start = time.time()
         if overrides is None:
@@ -136,14 +144,14 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                 first_run = work / "runs" / "base_only"
                 train(replace(base_cfg, out=str(first_run), user_model="uniform", max_steps=1, eval_data=""),
                       show_progress=False)
-            run = load_run(first_run)
+            run = load_run(first_run, device=device)
             train_seconds = 0.0
         else:
             run_dir = work / "runs" / name
             summary = train(replace(base_cfg, out=str(run_dir), **overrides), show_progress=not quick)
             train_seconds = summary["train_seconds"]
             first_run = first_run or run_dir
-            run = load_run(run_dir)
+            run = load_run(run_dir, device=device)
             curves[name] = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
         wall = time.time() - start
         for split, file_stem in SPLITS.items():
@@ -171,32 +179,32 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
             }
         logger.info("%s: pairs %.3f / statements %.3f", name, results["pairs"][name]["mean_user_accuracy"],
                     results["statements"][name]["mean_user_accuracy"])
-        write_outputs(out, results, curves, task, size, model, seed, dims, profiles, total_steps, threads, quick,
-                      user_tokens, plots=False)  # after each method: a killed run keeps what finished
+        write_outputs(out, results, curves, settings, plots=False)  # after each method: a killed run keeps what finished
         print(f"{name}: mean seen-user accuracy {results['pairs'][name]['mean_user_accuracy']:.3f} (pairs), "
               f"{results['statements'][name]['mean_user_accuracy']:.3f} (statements); train {train_seconds:.0f} s",
               flush=True)
 
-    docs = write_outputs(out, results, curves, task, size, model, seed, dims, profiles, total_steps, threads, quick,
-                         user_tokens, plots=True)
+    docs = write_outputs(out, results, curves, settings, plots=True)
     if not keep_runs:  # the data derived from the persona files stays out of the results folder too
         shutil.rmtree(work, ignore_errors=True)
     return docs
 
 
-def write_outputs(out: Path, results: dict, curves: dict, task, size: PersonaSize, model: str, seed: int,
-                  dims: list[str], profiles: set, total_steps: int, threads: int, quick: bool, user_tokens: int,
-                  plots: bool) -> dict:
+def run_settings(task, size: PersonaSize, cfg: TrainConfig, dims: list[str], profiles: set, total_steps: int,
+                 quick: bool) -> dict:
+    """What every results file records besides the numbers."""
+    return {"n_users": size.n_seen, "n_unseen_users": size.n_unseen, "model": cfg.model, "seed": cfg.seed,
+            "dimensions": dims, "n_profiles": len(profiles), "n_train_pairs": len(task.train),
+            "epochs": size.epochs, "steps": total_steps, "user_tokens": cfg.user_tokens, "threads": cfg.threads,
+            "quick": quick, "lr": cfg.resolved_lr(), "user_lr": cfg.resolved_user_lr(),
+            "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
+            "data": {k: task.meta[k] for k in ("source", "n_train_statements", "n_test_statements",
+                                               "train_pairs_per_user", "test_pairs_per_user", "majority_share")},
+            "attribution": ATTRIBUTION}
+
+
+def write_outputs(out: Path, results: dict, curves: dict, common: dict, plots: bool) -> dict:
     """results.json (split pairs), statements/results.json, curves.json, report.md (+ plots at the end)."""
-    common = {"n_users": size.n_seen, "n_unseen_users": size.n_unseen, "model": model, "seed": seed,
-              "dimensions": dims, "n_profiles": len(profiles), "n_train_pairs": len(task.train),
-              "epochs": size.epochs, "steps": total_steps, "user_tokens": user_tokens, "threads": threads,
-              "quick": quick,
-              "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
-              "data": {k: task.meta[k] for k in ("source", "n_train_statements", "n_test_statements",
-                                                 "train_pairs_per_user", "test_pairs_per_user",
-                                                 "majority_share")},
-              "attribution": ATTRIBUTION}
     docs = {split: {"methods": results[split], **common, "split": split} for split in SPLITS}
     _atomic_write(out / "results.json", json.dumps(docs["pairs"], indent=1) + "\n")
     (out / "statements").mkdir(exist_ok=True)
@@ -218,7 +226,8 @@ def render_report(docs: dict, curves: dict) -> str:
              f"{any_doc['n_users']} seen + {any_doc['n_unseen_users']} unseen users, dimensions "
              f"{', '.join(any_doc['dimensions'])} ({any_doc['n_profiles']} profiles among seen users), "
              f"{any_doc['n_train_pairs']} training pairs, {any_doc['epochs']} epoch(s) = {any_doc['steps']} steps of "
-             f"{BATCH_PAIRS} pairs, seed {any_doc['seed']}, {any_doc['threads']} threads.", "",
+             f"{BATCH_PAIRS} pairs, learning rate {any_doc['lr']:g} (adapters) / {any_doc['user_lr']:g} (user model), "
+             f"seed {any_doc['seed']}, {any_doc['threads']} threads.", "",
              f"Data: {ATTRIBUTION}", ""]
     for split, doc in docs.items():
         dims = sorted({d for r in doc["methods"].values() for d in r["per_dimension_accuracy"]})

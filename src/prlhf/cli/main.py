@@ -133,7 +133,8 @@ def cmd_bench_persona(args) -> int:
                           threads=args.threads, seed=args.seed, methods=split(args.methods),
                           dimensions=split(args.dimensions), lr=args.lr, epochs=args.epochs,
                           data_dir=args.persona_dir, keep_runs=args.keep_runs, user_tokens=args.user_tokens,
-                          statements_per_pole=args.statements_per_pole)
+                          statements_per_pole=args.statements_per_pole, curve_points=args.curve_points,
+                          user_lr=args.user_lr)
     except ValueError as exc:
         raise ConfigError(f"bench persona: {exc}") from None
     return 0
@@ -269,10 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--dimensions", help="comma-separated (default politics,risk,time)")
     pe.add_argument("--epochs", type=float, help="override the size preset's epochs")
     pe.add_argument("--lr", type=float, default=0.0, help="adapter learning rate (0 = 1e-3; the user model gets 30x)")
+    pe.add_argument("--user-lr", type=float, default=0.0, help="user-model learning rate (0 = 30x the adapter rate)")
     pe.add_argument("--persona-dir", help="folder of <trait>.jsonl files (default ../shared/data/anthropic-persona)")
     pe.add_argument("--user-tokens", type=int, default=10, help="T_u, soft tokens per user (default 10)")
     pe.add_argument("--statements-per-pole", type=int, help="statements drawn per trait file (fewer = each is rated by "
                                                             "more users; default 30 quick, 100 tiny, 12 pretrained)")
+    pe.add_argument("--curve-points", type=int,
+                    help="learning-curve evaluations per trained method (default 4; 6 at the full tiny size)")
     pe.add_argument("--seed", type=int, default=0)
     pe.add_argument("--keep-runs", action="store_true",
                     help="keep the data and trained runs under OUT/work (removed by default)")
