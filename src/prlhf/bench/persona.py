@@ -179,7 +179,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
             }
         logger.info("%s: pairs %.3f / statements %.3f", name, results["pairs"][name]["mean_user_accuracy"],
                     results["statements"][name]["mean_user_accuracy"])
-        write_outputs(out, results, curves, settings, plots=False)  # after each method: a killed run keeps what finished
+        # after each method: a killed run keeps what finished
+        write_outputs(out, results, curves, settings, plots=False)
         print(f"{name}: mean seen-user accuracy {results['pairs'][name]['mean_user_accuracy']:.3f} (pairs), "
               f"{results['statements'][name]['mean_user_accuracy']:.3f} (statements); train {train_seconds:.0f} s",
               flush=True)
