@@ -12,11 +12,16 @@ from prlhf.bench.length import run_length_bench
 from prlhf.cli.main import main
 
 
-@pytest.mark.slow
-def test_persona_bench_writes_both_splits(tmp_path, monkeypatch):
+@pytest.fixture
+def toy_persona(tmp_path, monkeypatch):
+    """(trait folder, output folder) for `bench persona --quick` at a toy size: 6 seen users, 12 pairs each."""
     monkeypatch.setattr(persona, "QUICK", persona.PersonaSize(6, 2, 10, 12, 4, 1, 2, 2))
-    data = write_persona_traits(tmp_path / "traits")
-    out = tmp_path / "out"
+    return write_persona_traits(tmp_path / "traits"), tmp_path / "out"
+
+
+@pytest.mark.slow
+def test_persona_bench_writes_both_splits(toy_persona, monkeypatch):
+    data, out = toy_persona
     configs = []
 
     def recording_train(cfg, **kwargs):
@@ -49,6 +54,36 @@ def test_persona_bench_writes_both_splits(tmp_path, monkeypatch):
     assert not (out / "work").exists()  # neither runs nor data derived from the persona files stay behind
     assert main(["bench", "persona", "--quick", "--out", str(out), "--methods", "dpo_magic",
                  "--persona-dir", str(data)]) == 2
+
+
+@pytest.mark.slow
+def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
+    """--profile-ids trains on one id per profile but scores every real user; --batch-size sets the step count."""
+    data, out = toy_persona
+    scored = []
+
+    def recording_accuracy(records, margins, seen):
+        scored.append({r.user_id for r in records})
+        return real_accuracy(records, margins, seen)
+
+    real_accuracy = persona.per_user_accuracy
+    monkeypatch.setattr(persona, "per_user_accuracy", recording_accuracy)
+    code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
+                 "--methods", "p_dpo_individual,p_dpo_lowrank", "--profile-ids", "--batch-size", "8",
+                 "--keep-runs"])
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["profile_ids"] is True and doc["batch_size"] == 8 and doc["steps"] == 9  # 72 pairs / 8
+    assert set(doc["methods"]) == {"p_dpo_individual", "p_dpo_lowrank"}
+    users = json.loads((out / "work" / "data" / "users.json").read_text())["users"]
+    profiles = {f"profile-{info['profile_id']}" for info in users.values() if info["seen"]}
+    trained_ids = {json.loads(line)["user_id"] for line in (out / "work" / "data" / "train.jsonl").open()}
+    assert trained_ids == profiles
+    registry = json.loads((out / "work" / "runs" / "p_dpo_individual" / "users.json").read_text())["users"]
+    assert set(registry) == profiles
+    assert scored and all(ids <= set(users) for ids in scored)  # real user ids, seen and unseen
+    assert any(ids & {u for u, info in users.items() if info["seen"]} for ids in scored)
+    assert "--profile-ids" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,6 +52,9 @@ FULL_TINY = PersonaSize(128, 32, 100, 60, 20, 4, 4, 6)
 FULL_PRETRAINED = PersonaSize(64, 16, 12, 16, 8, 1, 2, 4)
 
 
+OPT_IN_METHODS = ("p_dpo_lowrank",)  # beyond the paper's baselines: run only when named in `methods`
+
+
 def method_overrides(n_profiles: int) -> dict[str, dict | None]:
     """name -> TrainConfig overrides (None: prompting, which trains nothing)."""
     return {
@@ -61,6 +65,7 @@ def method_overrides(n_profiles: int) -> dict[str, dict | None]:
         "p_dpo_cluster": {"user_model": "cluster", "clusters": n_profiles, "use_user_text": False},
         "p_dpo_cluster_small": {"user_model": "cluster", "clusters": max(2, n_profiles // 4), "use_user_text": False},
         "p_dpo_individual_text": {"user_model": "individual", "use_user_text": True},
+        "p_dpo_lowrank": {"user_model": "lowrank", "use_user_text": False},
     }
 
 
@@ -79,7 +84,10 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                       dimensions: list[str] | None = None, lr: float = 0.0, epochs: float | None = None,
                       data_dir: str | None = None, keep_runs: bool = False, user_tokens: int = 10,
                       statements_per_pole: int | None = None, curve_points: int | None = None,
-                      user_lr: float = 0.0) -> dict:
+                      user_lr: float = 0.0, batch_size: int = BATCH_PAIRS, profile_ids: bool = False) -> dict:
+    """`profile_ids` is a diagnostic: seen users who share a profile share one user id in training (each id then
+    has all its profile's pairs), and each user is scored with its profile's embedding. It shows what implicit
+    embeddings can learn when every id has many pairs; the figures stay per real user."""
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = QUICK if quick else (FULL_TINY if model == "tiny" else FULL_PRETRAINED)
@@ -102,6 +110,9 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     shutil.rmtree(work, ignore_errors=True)
     task.write(data)
     test_sets = {"pairs": task.test, "statements": task.extra["test_statements"]}
+    as_trained = to_profile_ids(task) if profile_ids else (lambda records: records)
+    if profile_ids:
+        write_jsonl(data / "train.jsonl", as_trained(task.train))
     rng = random.Random(seed)
     curve_files = []
     for split, records in test_sets.items():  # a few pairs per user: learning curves at a bearable cost
@@ -110,24 +121,25 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
             by_user[r.user_id].append(r)
         subset = [r for u in sorted(by_user) for r in rng.sample(by_user[u], min(size.curve_pairs_per_user,
                                                                                  len(by_user[u])))]
-        write_jsonl(data / f"curve_{split}.jsonl", subset)
+        write_jsonl(data / f"curve_{split}.jsonl", as_trained(subset))
         curve_files.append(str(data / f"curve_{split}.jsonl"))
 
     profiles = {info["profile_id"] for info in task.users.values() if info["seen"]}
     all_methods = method_overrides(len(profiles))
-    chosen = methods or list(all_methods)
+    chosen = methods or [m for m in all_methods if m not in OPT_IN_METHODS]
     unknown = [m for m in chosen if m not in all_methods]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(all_methods)}")
-    steps_per_epoch = math.ceil(len(task.train) / BATCH_PAIRS)
+    steps_per_epoch = math.ceil(len(task.train) / batch_size)
     total_steps = math.ceil(size.epochs * steps_per_epoch)
     base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs,
-                           batch_size=BATCH_PAIRS,
+                           batch_size=batch_size,
                            lr=lr or (0.0 if model == "tiny" else 1e-3), user_lr=user_lr, seed=seed, threads=threads,
                            eval_data=",".join(curve_files), eval_steps=max(1, total_steps // size.evals),
                            report_to="none", max_length=160, max_prompt_length=128, log_steps=4,
                            user_tokens=user_tokens)
     settings = run_settings(task, size, base_cfg, dims, profiles, total_steps, quick)
+    settings["profile_ids"] = profile_ids
 
     seen = set(task.seen_users)
     results: dict[str, dict] = {split: {} for split in SPLITS}
@@ -158,7 +170,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
             records = test_sets[split]
             cfg = run.config
             with_text = cfg.use_user_text or overrides is None  # prompting: the profile text before the prompt
-            pairs = encode_records(records, run.tokenizer, cfg.max_length, cfg.max_prompt_length, with_text)
+            pairs = encode_records(as_trained(records), run.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                   with_text)
             # the base is shared across methods (same seed): its log-probs come from the on-disk cache after the
             # first method that saw these tokens
             reference = cached_reference_logps(run.model, pairs, run.tokenizer.pad_token_id,
@@ -168,8 +181,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
             else:
                 margins = implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id,
                                                   reference=reference)
-            # an untrained base has no registry: a user is 'seen' when it has training pairs
-            ev = per_user_accuracy(records, margins, run.registry if overrides is not None else seen)
+            # an untrained base has no registry (and profile ids rename users): 'seen' = has training pairs
+            ev = per_user_accuracy(records, margins, run.registry if overrides and not profile_ids else seen)
             results[split][name] = {
                 "mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
                 "unseen_accuracy": ev["unseen_accuracy"], "train_seconds": round(train_seconds, 1),
@@ -191,12 +204,19 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     return docs
 
 
+def to_profile_ids(task) -> Callable[[list], list]:
+    """records -> the same records with each seen user's id replaced by its profile's ("profile-AAB")."""
+    rename = {u: f"profile-{info['profile_id']}" for u, info in task.users.items() if info["seen"]}
+    return lambda records: [replace(r, user_id=rename.get(r.user_id, r.user_id)) for r in records]
+
+
 def run_settings(task, size: PersonaSize, cfg: TrainConfig, dims: list[str], profiles: set, total_steps: int,
                  quick: bool) -> dict:
     """What every results file records besides the numbers."""
     return {"n_users": size.n_seen, "n_unseen_users": size.n_unseen, "model": cfg.model, "seed": cfg.seed,
             "dimensions": dims, "n_profiles": len(profiles), "n_train_pairs": len(task.train),
-            "epochs": size.epochs, "steps": total_steps, "user_tokens": cfg.user_tokens, "threads": cfg.threads,
+            "epochs": size.epochs, "steps": total_steps,
+            "batch_size": cfg.batch_size, "user_tokens": cfg.user_tokens, "threads": cfg.threads,
             "quick": quick, "lr": cfg.resolved_lr(), "user_lr": cfg.resolved_user_lr(),
             "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
             "data": {k: task.meta[k] for k in ("source", "n_train_statements", "n_test_statements",
@@ -227,8 +247,11 @@ def render_report(docs: dict, curves: dict) -> str:
              f"{any_doc['n_users']} seen + {any_doc['n_unseen_users']} unseen users, dimensions "
              f"{', '.join(any_doc['dimensions'])} ({any_doc['n_profiles']} profiles among seen users), "
              f"{any_doc['n_train_pairs']} training pairs, {any_doc['epochs']} epoch(s) = {any_doc['steps']} steps of "
-             f"{BATCH_PAIRS} pairs, learning rate {any_doc['lr']:g} (adapters) / {any_doc['user_lr']:g} (user model), "
-             f"seed {any_doc['seed']}, {any_doc['threads']} threads.", "",
+             f"{any_doc.get('batch_size', BATCH_PAIRS)} pairs, learning rate {any_doc['lr']:g} (adapters) / "
+             f"{any_doc['user_lr']:g} (user model), "
+             f"seed {any_doc['seed']}, {any_doc['threads']} threads."
+             + (" Diagnostic: users who share a profile share one user id in training (--profile-ids)."
+                if any_doc.get("profile_ids") else ""), "",
              f"Data: {ATTRIBUTION}", ""]
     for split, doc in docs.items():
         dims = sorted({d for r in doc["methods"].values() for d in r["per_dimension_accuracy"]})

@@ -134,7 +134,7 @@ def cmd_bench_persona(args) -> int:
                           dimensions=split(args.dimensions), lr=args.lr, epochs=args.epochs,
                           data_dir=args.persona_dir, keep_runs=args.keep_runs, user_tokens=args.user_tokens,
                           statements_per_pole=args.statements_per_pole, curve_points=args.curve_points,
-                          user_lr=args.user_lr)
+                          user_lr=args.user_lr, batch_size=args.batch_size, profile_ids=args.profile_ids)
     except ValueError as exc:
         raise ConfigError(f"bench persona: {exc}") from None
     return 0
@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--out", required=True, help="results folder")
     pe.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     pe.add_argument("--methods", help="comma-separated subset of: vanilla_dpo, prompting, text_dpo, "
-                                      "p_dpo_individual, p_dpo_cluster, p_dpo_cluster_small, p_dpo_individual_text")
+                                      "p_dpo_individual, p_dpo_cluster, p_dpo_cluster_small, p_dpo_individual_text "
+                                      "(default: all of these), p_dpo_lowrank")
     pe.add_argument("--dimensions", help="comma-separated (default politics,risk,time)")
     pe.add_argument("--epochs", type=float, help="override the size preset's epochs")
     pe.add_argument("--lr", type=float, default=0.0, help="adapter learning rate (0 = 1e-3; the user model gets 30x)")
@@ -277,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "more users; default 30 quick, 100 tiny, 12 pretrained)")
     pe.add_argument("--curve-points", type=int,
                     help="learning-curve evaluations per trained method (default 4; 6 at the full tiny size)")
+    pe.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (default 16)")
+    pe.add_argument("--profile-ids", action="store_true",
+                    help="diagnostic: seen users who share a profile share one user id in training (what implicit "
+                         "embeddings learn when each id has many pairs); users are still scored one by one")
     pe.add_argument("--seed", type=int, default=0)
     pe.add_argument("--keep-runs", action="store_true",
                     help="keep the data and trained runs under OUT/work (removed by default)")
