@@ -138,8 +138,7 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                            eval_data=",".join(curve_files), eval_steps=max(1, total_steps // size.evals),
                            report_to="none", max_length=160, max_prompt_length=128, log_steps=4,
                            user_tokens=user_tokens)
-    settings = run_settings(task, size, base_cfg, dims, profiles, total_steps, quick)
-    settings["profile_ids"] = profile_ids
+    settings = run_settings(task, size, base_cfg, dims, profiles, total_steps, quick, profile_ids)
 
     seen = set(task.seen_users)
     results: dict[str, dict] = {split: {} for split in SPLITS}
@@ -181,8 +180,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
             else:
                 margins = implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id,
                                                   reference=reference)
-            # an untrained base has no registry (and profile ids rename users): 'seen' = has training pairs
-            ev = per_user_accuracy(records, margins, run.registry if overrides and not profile_ids else seen)
+            # 'seen' = has training pairs (the trained registry holds the same ids, renamed under profile_ids)
+            ev = per_user_accuracy(records, margins, seen)
             results[split][name] = {
                 "mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
                 "unseen_accuracy": ev["unseen_accuracy"], "train_seconds": round(train_seconds, 1),
@@ -211,13 +210,13 @@ def to_profile_ids(task) -> Callable[[list], list]:
 
 
 def run_settings(task, size: PersonaSize, cfg: TrainConfig, dims: list[str], profiles: set, total_steps: int,
-                 quick: bool) -> dict:
+                 quick: bool, profile_ids: bool) -> dict:
     """What every results file records besides the numbers."""
     return {"n_users": size.n_seen, "n_unseen_users": size.n_unseen, "model": cfg.model, "seed": cfg.seed,
             "dimensions": dims, "n_profiles": len(profiles), "n_train_pairs": len(task.train),
             "epochs": size.epochs, "steps": total_steps,
             "batch_size": cfg.batch_size, "user_tokens": cfg.user_tokens, "threads": cfg.threads,
-            "quick": quick, "lr": cfg.resolved_lr(), "user_lr": cfg.resolved_user_lr(),
+            "quick": quick, "profile_ids": profile_ids, "lr": cfg.resolved_lr(), "user_lr": cfg.resolved_user_lr(),
             "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
             "data": {k: task.meta[k] for k in ("source", "n_train_statements", "n_test_statements",
                                                "train_pairs_per_user", "test_pairs_per_user", "majority_share")},
@@ -247,11 +246,11 @@ def render_report(docs: dict, curves: dict) -> str:
              f"{any_doc['n_users']} seen + {any_doc['n_unseen_users']} unseen users, dimensions "
              f"{', '.join(any_doc['dimensions'])} ({any_doc['n_profiles']} profiles among seen users), "
              f"{any_doc['n_train_pairs']} training pairs, {any_doc['epochs']} epoch(s) = {any_doc['steps']} steps of "
-             f"{any_doc.get('batch_size', BATCH_PAIRS)} pairs, learning rate {any_doc['lr']:g} (adapters) / "
+             f"{any_doc['batch_size']} pairs, learning rate {any_doc['lr']:g} (adapters) / "
              f"{any_doc['user_lr']:g} (user model), "
              f"seed {any_doc['seed']}, {any_doc['threads']} threads."
              + (" Diagnostic: users who share a profile share one user id in training (--profile-ids)."
-                if any_doc.get("profile_ids") else ""), "",
+                if any_doc["profile_ids"] else ""), "",
              f"Data: {ATTRIBUTION}", ""]
     for split, doc in docs.items():
         dims = sorted({d for r in doc["methods"].values() for d in r["per_dimension_accuracy"]})
