@@ -106,6 +106,9 @@ def policy_run(style_dir, tmp_path_factory) -> Path:
 def test_rm_run_round_trips(rm_run, style_dir):
     assert (rm_run / "value_head.safetensors").is_file()
     assert json.loads((rm_run / "run.json").read_text())["objective"] == "rm"
+    # a reward model's outputs are rewards: logged under rewards/*, not as log-probs
+    rows = [json.loads(line) for line in (rm_run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("rewards/accuracies" in r and not any(k.startswith("logps/") for k in r) for r in rows)
     a, b = load_run(rm_run), load_run(rm_run)
     assert isinstance(a.model, PersonalizedRewardModel)
     records = load_records(str(style_dir / "test.jsonl"))[:6]

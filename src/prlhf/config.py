@@ -58,7 +58,10 @@ class TrainConfig:
     lr: float = _meta("learning rate of the LM adapters (0 = 1e-3 for tiny, 5e-5 otherwise)", default=0.0)
     user_lr: float = _meta("learning rate of the user model (0 = 30x lr: soft tokens move slowly at the LM's rate)",
                            default=0.0)
-    weight_decay: float = _meta("AdamW weight decay of the adapters (the user model gets none)", default=0.0)
+    weight_decay: float = _meta("AdamW weight decay of the adapters", default=0.0)
+    user_weight_decay: float = _meta("AdamW weight decay of the per-user rows, applied when a user is in the batch: "
+                                     "pulls individual/lowrank users towards the generic user, cluster users "
+                                     "towards an even mix (shared user parameters get none)", default=0.0)
     warmup_ratio: float = _meta("share of steps with linear warm-up before the cosine decay", default=0.1)
     max_grad_norm: float = _meta("gradient clipping norm (0 = off)", default=1.0)
     seed: int = _meta("random seed (model init, data order, dropout)", default=0)
@@ -73,6 +76,8 @@ class TrainConfig:
                                 default=True)
     sft_steps: int = _meta("supervised warm-up steps on the responses before DPO (-1 = 300 for tiny, 0 "
                            "otherwise)", default=-1)
+    gradient_checkpointing: bool = _meta("recompute each layer's activations in the backward pass: SmolLM2 "
+                                         "on a CPU took 2.5x less memory for a 1.4x longer step", default=False)
     mixed_precision: str = _meta("auto | no | bf16 | fp16 (auto = bf16 on a GPU that supports it)", default="auto")
     save_steps: int = _meta("checkpoint every N optimizer steps (0 = once per epoch)", default=0)
     keep_checkpoints: int = _meta("how many recent checkpoints to keep", default=2)
@@ -109,6 +114,7 @@ class TrainConfig:
             (self.max_steps >= 0, "max_steps must be >= 0"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.lr >= 0 and self.user_lr >= 0, "learning rates must be >= 0"),
+            (self.weight_decay >= 0 and self.user_weight_decay >= 0, "weight decays must be >= 0"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
             (self.max_length > self.max_prompt_length > 0, "need max_length > max_prompt_length > 0"),
             (self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision must be auto/no/bf16/fp16"),

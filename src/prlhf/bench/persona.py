@@ -84,7 +84,9 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                       dimensions: list[str] | None = None, lr: float = 0.0, epochs: float | None = None,
                       data_dir: str | None = None, keep_runs: bool = False, user_tokens: int = 10,
                       statements_per_pole: int | None = None, curve_points: int | None = None,
-                      user_lr: float = 0.0, batch_size: int = BATCH_PAIRS, profile_ids: bool = False) -> dict:
+                      user_lr: float = 0.0, batch_size: int = BATCH_PAIRS, profile_ids: bool = False,
+                      mixed_precision: str = "auto", user_weight_decay: float = 0.0,
+                      gradient_checkpointing: bool = False) -> dict:
     """`profile_ids` is a diagnostic: seen users who share a profile share one user id in training (each id then
     has all its profile's pairs), and each user is scored with its profile's embedding. It shows what implicit
     embeddings can learn when every id has many pairs; the figures stay per real user."""
@@ -137,7 +139,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                            lr=lr or (0.0 if model == "tiny" else 1e-3), user_lr=user_lr, seed=seed, threads=threads,
                            eval_data=",".join(curve_files), eval_steps=max(1, total_steps // size.evals),
                            report_to="none", max_length=160, max_prompt_length=128, log_steps=4,
-                           user_tokens=user_tokens)
+                           user_tokens=user_tokens, mixed_precision=mixed_precision,
+                           user_weight_decay=user_weight_decay, gradient_checkpointing=gradient_checkpointing)
     settings = run_settings(task, size, base_cfg, dims, profiles, total_steps, quick, profile_ids)
 
     seen = set(task.seen_users)
@@ -216,7 +219,9 @@ def run_settings(task, size: PersonaSize, cfg: TrainConfig, dims: list[str], pro
             "dimensions": dims, "n_profiles": len(profiles), "n_train_pairs": len(task.train),
             "epochs": size.epochs, "steps": total_steps,
             "batch_size": cfg.batch_size, "user_tokens": cfg.user_tokens, "threads": cfg.threads,
+            "mixed_precision": cfg.mixed_precision,
             "quick": quick, "profile_ids": profile_ids, "lr": cfg.resolved_lr(), "user_lr": cfg.resolved_user_lr(),
+            "user_weight_decay": cfg.user_weight_decay, "gradient_checkpointing": cfg.gradient_checkpointing,
             "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
             "data": {k: task.meta[k] for k in ("source", "n_train_statements", "n_test_statements",
                                                "train_pairs_per_user", "test_pairs_per_user", "majority_share")},
@@ -247,8 +252,8 @@ def render_report(docs: dict, curves: dict) -> str:
              f"{', '.join(any_doc['dimensions'])} ({any_doc['n_profiles']} profiles among seen users), "
              f"{any_doc['n_train_pairs']} training pairs, {any_doc['epochs']} epoch(s) = {any_doc['steps']} steps of "
              f"{any_doc['batch_size']} pairs, learning rate {any_doc['lr']:g} (adapters) / "
-             f"{any_doc['user_lr']:g} (user model), "
-             f"seed {any_doc['seed']}, {any_doc['threads']} threads."
+             f"{any_doc['user_lr']:g} (user model, weight decay {any_doc['user_weight_decay']:g}), "
+             f"seed {any_doc['seed']}, {any_doc['threads']} threads, mixed precision {any_doc['mixed_precision']}."
              + (" Diagnostic: users who share a profile share one user id in training (--profile-ids)."
                 if any_doc["profile_ids"] else ""), "",
              f"Data: {ATTRIBUTION}", ""]

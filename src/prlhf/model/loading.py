@@ -46,3 +46,13 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, dropout: float
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer in the backward pass. Non-reentrant, so inputs given as `inputs_embeds` (the user
+    tokens) need no requires_grad set by hand. transformers 5 renamed the method; 4.x has the old name only."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -15,3 +15,15 @@ def cpu_processes() -> bool:
     MPI (`--mpirun_hostfile`), so on CPU we launch with torchrun (`--multi_gpu`) and pick CPU here.
     """
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def allow_precision_change(mixed_precision: str) -> None:
+    """Accelerate keeps one precision per process and refuses a second Accelerator with another one. In a single
+    process (a notebook, or a bench that trains several models in turn) a new run may choose again, so the
+    previous run's state is dropped; a launched multi-process job keeps what its launcher set up."""
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
+        return
+    if AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()  # accelerate's own tests reset it this way; there is no public call

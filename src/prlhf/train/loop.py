@@ -21,13 +21,13 @@ from prlhf.data.loading import load_records
 from prlhf.data.tokenize import PairBatch, adds_bos
 from prlhf.losses import chosen_nll, p_dpo_loss, p_rm_loss
 from prlhf.model.logprobs import IGNORE_INDEX
-from prlhf.model.loading import add_lora
+from prlhf.model.loading import add_lora, enable_activation_checkpointing
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.reward import PersonalizedRewardModel
 from prlhf.model.run_dir import save_run
 from prlhf.train.batching import EpochBatchSampler, PairCollator, pair_length
 from prlhf.train.checkpoint import Trainable, load_latest_checkpoint, save_checkpoint
-from prlhf.train.distributed import cpu_processes
+from prlhf.train.distributed import allow_precision_change, cpu_processes
 from prlhf.train.metrics import TrainMetrics, tracker_names, truncate_log
 from prlhf.train.optim import clip_grad_norm_
 from prlhf.train.periodic_eval import PeriodicEval, load_eval_records
@@ -76,6 +76,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    allow_precision_change(mixed)
     accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=mixed,
                               gradient_accumulation_steps=config.grad_accum,
                               log_with=tracker_names(config.report_to) or None, project_dir=str(run_dir))
@@ -93,6 +94,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                                   num_clusters=config.clusters, rank=config.user_rank, init=config.user_init,
                                   seed=config.seed,
                                   input_embeddings=base.get_input_embeddings().weight)
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(base)
     targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
     lm = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     is_rm = config.objective == "rm"
@@ -138,7 +141,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
         if eval_splits and is_main else None
     accelerator.init_trackers("prlhf", config=dataclasses.asdict(config))  # trackers live on the main process
 
-    step, epoch, skip, metrics = 0, 0, 0, TrainMetrics()
+    step, epoch, skip, metrics = 0, 0, 0, TrainMetrics(with_logps=not is_rm)
     log_path = run_dir / "metrics.jsonl"
     state = load_latest_checkpoint(trainable, run_dir) if config.resume else None
     if state:

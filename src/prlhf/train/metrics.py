@@ -11,8 +11,9 @@ import torch
 from prlhf.losses import PreferenceLossOutput
 
 
-def batch_metrics(out: PreferenceLossOutput, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+def batch_metrics(out: PreferenceLossOutput, chosen_logps: torch.Tensor | None, rejected_logps: torch.Tensor | None,
                   generic: PreferenceLossOutput | None) -> dict[str, float]:
+    """Means over the batch; `logps/*` only for a policy (a reward model has rewards, already under `rewards/*`)."""
     margins = out.chosen_rewards - out.rejected_rewards
     metrics = {
         "loss": out.losses.mean().item(),
@@ -20,9 +21,10 @@ def batch_metrics(out: PreferenceLossOutput, chosen_logps: torch.Tensor, rejecte
         "rewards/rejected": out.rejected_rewards.mean().item(),
         "rewards/margins": margins.mean().item(),
         "rewards/accuracies": (margins > 0).float().mean().item(),
-        "logps/chosen": chosen_logps.detach().mean().item(),
-        "logps/rejected": rejected_logps.detach().mean().item(),
     }
+    if chosen_logps is not None and rejected_logps is not None:
+        metrics["logps/chosen"] = chosen_logps.detach().mean().item()
+        metrics["logps/rejected"] = rejected_logps.detach().mean().item()
     if generic is not None:
         generic_correct = generic.chosen_rewards > generic.rejected_rewards
         metrics["generic/rewards/accuracies"] = generic_correct.float().mean().item()
@@ -71,16 +73,18 @@ def gather_outputs(accelerator, out: PreferenceLossOutput, generic: PreferenceLo
 
 class TrainMetrics:
     """The metrics.jsonl rows: batch metrics averaged over the logging window, per-user accuracy over the
-    epoch so far (summarised), all computed from the examples of every process."""
+    epoch so far (summarised), all computed from the examples of every process. `with_logps=False` for a reward
+    model, whose per-sequence outputs are rewards, not log-probs."""
 
-    def __init__(self):
-        self.window, self.per_user = [], PerUserAccuracy()
+    def __init__(self, with_logps: bool = True):
+        self.window, self.per_user, self.with_logps = [], PerUserAccuracy(), with_logps
 
     def update(self, accelerator, out: PreferenceLossOutput, chosen_logps: torch.Tensor,
                rejected_logps: torch.Tensor, generic: PreferenceLossOutput | None, user_idx: torch.Tensor) -> None:
         out, generic, chosen_logps, rejected_logps, user_idx = gather_outputs(
             accelerator, out, generic, chosen_logps, rejected_logps, user_idx)
-        self.window.append(batch_metrics(out, chosen_logps, rejected_logps, generic))
+        logps = (chosen_logps, rejected_logps) if self.with_logps else (None, None)
+        self.window.append(batch_metrics(out, *logps, generic))
         self.per_user.update(user_idx.cpu(), (out.chosen_rewards - out.rejected_rewards).cpu())
 
     def row(self) -> dict[str, float]:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prlhf.config import TrainConfig
@@ -68,13 +69,17 @@ def prepare_base(config: TrainConfig, records: Sequence[PreferenceRecord], run_d
 
 
 def build_optimizer(model: PersonalizedLM, config: TrainConfig) -> torch.optim.Optimizer:
-    # The user model gets its own (higher) rate and no weight decay: decay would pull every user's row toward
-    # zero at every step, including users who were not in the batch.
+    """Adapters at lr; the user model at its own (higher) rate. Only the per-user tables (sparse: each row is
+    updated, and decayed, only when its user is in the batch) take `user_weight_decay`; decay on e_0, the
+    prototypes or the shared up-projection would shrink every user's tokens at once."""
     lm_params = [p for p in model.lm.parameters() if p.requires_grad]
     if hasattr(model, "value_head"):  # a reward model's head learns with the adapters
         lm_params += list(model.value_head.parameters())
-    user_params = [p for p in model.user_model.parameters() if p.requires_grad]
+    tables = [m.weight for m in model.user_model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
+    shared = [p for p in model.user_model.parameters() if p.requires_grad and all(p is not t for t in tables)]
     groups = [{"params": lm_params, "lr": config.resolved_lr(), "weight_decay": config.weight_decay}]
-    if user_params:
-        groups.append({"params": user_params, "lr": config.resolved_user_lr(), "weight_decay": 0.0})
+    user_lr = config.resolved_user_lr()
+    for params, decay in ((tables, config.user_weight_decay), (shared, 0.0)):
+        if params:
+            groups.append({"params": params, "lr": user_lr, "weight_decay": decay})
     return RowSparseAdamW(groups)

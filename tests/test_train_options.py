@@ -1,0 +1,72 @@
+"""Training options that trade memory or regularise users: --gradient-checkpointing, --user-weight-decay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch.utils.checkpoint import checkpoint
+from test_train_resume import assert_same_weights, config
+
+from prlhf.config import ConfigError, TrainConfig
+from prlhf.model.loading import add_lora
+from prlhf.model.personalized import PersonalizedLM
+from prlhf.model.tiny import build_tiny_model
+from prlhf.train.loop import train
+from prlhf.train.setup import build_optimizer
+from prlhf.users.models import build_user_model
+
+
+def test_gradient_checkpointing_trains_the_same_weights(task_dir, tmp_path, monkeypatch):
+    """Recomputing activations (dropout masks replayed from the saved RNG state) changes memory, not the result."""
+    calls = []
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    train(config(task_dir, plain, max_steps=3), show_progress=False)
+    assert not calls
+    train(config(task_dir, checkpointed, max_steps=3, gradient_checkpointing=True), show_progress=False)
+    assert calls and set(calls) == {False}  # every decoder layer of every training forward, non-reentrant
+    assert "gradient_checkpointing: true" in (checkpointed / "config.yaml").read_text()
+    assert_same_weights(plain, checkpointed)
+
+
+@pytest.mark.parametrize("kind", ["individual", "lowrank", "cluster"])
+def test_user_weight_decay_reaches_only_the_per_user_rows(kind, tiny_tokenizer):
+    lm = add_lora(build_tiny_model(tiny_tokenizer, seed=0))
+    users = build_user_model(kind, 5, 2, lm.get_input_embeddings().weight.shape[1], num_clusters=3, rank=2,
+                             input_embeddings=lm.get_input_embeddings().weight)
+    model = PersonalizedLM(lm, users, prefix_len=1)
+    cfg = TrainConfig(data="x", out="y", lr=1e-3, user_lr=1e-2, weight_decay=0.01, user_weight_decay=0.5)
+    groups = build_optimizer(model, cfg).param_groups
+    table = getattr(users, {"individual": "offsets", "lowrank": "vectors", "cluster": "weights"}[kind]).weight
+    by_decay = {g["weight_decay"]: g["params"] for g in groups if g["lr"] == 1e-2}
+    assert [id(p) for p in by_decay[0.5]] == [id(table)]  # only the per-user table decays
+    shared = {id(p) for p in users.parameters()} - {id(table)}
+    assert {id(p) for p in by_decay[0.0]} == shared and shared  # e_0 / prototypes / up-projection: no decay
+    assert [g["weight_decay"] for g in groups if g["lr"] == 1e-3] == [0.01]  # the adapters keep theirs
+
+    # A row is decayed only when its user is in the batch: here users 1 and 3, with a zero loss gradient.
+    optimizer = build_optimizer(model, cfg)
+    before = table.detach().clone()
+    (users(torch.tensor([1, 3])) * 0).sum().backward()
+    optimizer.step()
+    assert torch.allclose(table[[1, 3]], before[[1, 3]] * (1 - 1e-2 * 0.5))
+    assert torch.equal(table[[0, 2, 4, 5]], before[[0, 2, 4, 5]])
+
+
+def test_negative_user_weight_decay_is_refused():
+    with pytest.raises(ConfigError, match="weight decays"):
+        TrainConfig(data="x", out="y", user_weight_decay=-1.0).validate()
+
+
+def test_runs_in_one_process_may_change_precision(task_dir, tmp_path):
+    """Accelerate fixes one precision per process; a notebook or a bench training in turn must not trip on it."""
+    for name, precision in (("bf16", "bf16"), ("fp32", "no"), ("bf16_again", "bf16")):
+        summary = train(config(task_dir, tmp_path / name, max_steps=1, mixed_precision=precision),
+                        show_progress=False)
+        assert summary["steps"] == 1
