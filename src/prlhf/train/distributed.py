@@ -14,7 +14,12 @@ def cpu_processes() -> bool:
     as if it were the only one); `accelerate launch --cpu --num_processes N` only starts N processes through
     MPI (`--mpirun_hostfile`), so on CPU we launch with torchrun (`--multi_gpu`) and pick CPU here.
     """
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return launched_processes() > 1 and not torch.cuda.is_available()
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (accelerate launch, torchrun) started: 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def allow_precision_change(mixed_precision: str) -> None:
@@ -23,7 +28,7 @@ def allow_precision_change(mixed_precision: str) -> None:
     previous run's state is dropped; a launched multi-process job keeps what its launcher set up."""
     from accelerate.state import AcceleratorState
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
+    if launched_processes() > 1 or not AcceleratorState._shared_state:
         return
     if AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state()  # accelerate's own tests reset it this way; there is no public call
