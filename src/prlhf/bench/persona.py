@@ -83,8 +83,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                       threads: int = 2, seed: int = 0, methods: list[str] | None = None,
                       dimensions: list[str] | None = None, lr: float = 0.0, epochs: float | None = None,
                       data_dir: str | None = None, keep_runs: bool = False, user_tokens: int = 10,
-                      statements_per_pole: int | None = None, curve_points: int | None = None,
-                      user_lr: float = 0.0, batch_size: int = BATCH_PAIRS, profile_ids: bool = False,
+                      statements_per_pole: int | None = None, train_pairs_per_user: int | None = None,
+                      curve_points: int | None = None, user_lr: float = 0.0, batch_size: int = BATCH_PAIRS, profile_ids: bool = False,
                       mixed_precision: str = "auto", user_weight_decay: float = 0.0,
                       gradient_checkpointing: bool = False) -> dict:
     """`profile_ids` is a diagnostic: seen users who share a profile share one user id in training (each id then
@@ -99,6 +99,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
         size = replace(size, epochs=epochs)
     if statements_per_pole:
         size = replace(size, statements_per_pole=statements_per_pole)
+    if train_pairs_per_user:
+        size = replace(size, train_pairs_per_user=train_pairs_per_user)
     if curve_points:
         size = replace(size, evals=curve_points)
     dims = dimensions or ["politics", "risk", "time"]

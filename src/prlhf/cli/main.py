@@ -133,7 +133,8 @@ def cmd_bench_persona(args) -> int:
                           threads=args.threads, seed=args.seed, methods=split(args.methods),
                           dimensions=split(args.dimensions), lr=args.lr, epochs=args.epochs,
                           data_dir=args.persona_dir, keep_runs=args.keep_runs, user_tokens=args.user_tokens,
-                          statements_per_pole=args.statements_per_pole, curve_points=args.curve_points,
+                          statements_per_pole=args.statements_per_pole,
+                          train_pairs_per_user=args.train_pairs_per_user, curve_points=args.curve_points,
                           user_lr=args.user_lr, batch_size=args.batch_size, profile_ids=args.profile_ids,
                           mixed_precision=args.mixed_precision, user_weight_decay=args.user_weight_decay,
                           gradient_checkpointing=args.gradient_checkpointing)
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--user-tokens", type=int, default=10, help="T_u, soft tokens per user (default 10)")
     pe.add_argument("--statements-per-pole", type=int, help="statements drawn per trait file (fewer = each is rated by "
                                                             "more users; default 30 quick, 100 tiny, 12 pretrained)")
+    pe.add_argument("--train-pairs-per-user", type=int,
+                    help="training pairs of each seen user (default 40 quick, 60 tiny, 16 pretrained)")
     pe.add_argument("--curve-points", type=int,
                     help="learning-curve evaluations per trained method (default 4; 6 at the full tiny size)")
     pe.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (default 16)")

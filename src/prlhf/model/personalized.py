@@ -19,16 +19,22 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from prlhf.model.logprobs import IGNORE_INDEX, sequence_logps
+from prlhf.model.prompt_sharing import continuation_rows, group_by_prompt, left_align, prefix_rows
 from prlhf.users.models import UserModel
 
 
 class PersonalizedLM(nn.Module):
-    def __init__(self, lm: PreTrainedModel | PeftModel, user_model: UserModel, prefix_len: int):
+    def __init__(self, lm: PreTrainedModel | PeftModel, user_model: UserModel, prefix_len: int,
+                 share_prompts: bool = True):
         super().__init__()
         self.lm = lm
         self.user_model = user_model
         self.prefix_len = prefix_len  # 1 when sequences start with BOS (user tokens go after it), else 0
+        # Score rows that share a prompt from one prefix forward (prompt_sharing.py). Off under activation
+        # checkpointing, whose recomputation would append to the KV cache a second time.
+        self.share_prompts = share_prompts
         self._supports_logits_to_keep: bool | None = None
+        self._cache_kwarg: str | None = None
 
     @property
     def num_user_tokens(self) -> int:
@@ -53,6 +59,9 @@ class PersonalizedLM(nn.Module):
                 user_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Summed response log-probs (S,) for right-padded sequences (S, L), each with its user's tokens
         (user_idx (S,)) or none (user_idx None)."""
+        groups = group_by_prompt(input_ids, attention_mask, labels, user_idx) if self.share_prompts else None
+        if groups is not None:
+            return self._forward_shared_prompts(input_ids, attention_mask, labels, user_idx, groups)
         embeds, mask, labels = self.insert_user_tokens(input_ids, attention_mask, labels, user_idx)
         # Right padding: positions count real tokens only, so user tokens shift the prompt's positions by T_u.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -64,6 +73,37 @@ class PersonalizedLM(nn.Module):
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                          use_cache=False, **extra).logits
         return sequence_logps(logits, labels)
+
+    def _forward_shared_prompts(self, input_ids, attention_mask, labels, user_idx, groups) -> torch.Tensor:
+        """forward() with one pass per distinct prefix (U rows) and the S responses continued from its cache."""
+        p_ids, p_mask = prefix_rows(input_ids, groups)  # (U, P)
+        p_users = None if user_idx is None else user_idx[groups.first_row]
+        p_embeds, p_mask, _ = self.insert_user_tokens(p_ids, p_mask, None, p_users)
+        p_embeds, p_mask = left_align(p_embeds, p_mask)  # every prefix ends at the last column
+        p_positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if self.supports_logits_to_keep() else {}
+        out = self.lm(inputs_embeds=p_embeds, attention_mask=p_mask, position_ids=p_positions, use_cache=True,
+                      **extra)
+        cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers 5 | 4
+        if cache is None or not hasattr(cache, "reorder_cache"):  # a model without a reorderable KV cache
+            self.share_prompts = False
+            return self.forward(input_ids, attention_mask, labels, user_idx)
+        first_logits = out.logits[:, -1][groups.prefix_of]  # (S, V): predicts each row's first response token
+        cache.reorder_cache(groups.prefix_of)  # (U, ...) -> (S, ...), a gather: gradients reach the prefix
+        c_ids, c_mask, c_labels = continuation_rows(input_ids, attention_mask, labels, groups.starts)  # (S, R)
+        mask = torch.cat([p_mask[groups.prefix_of], c_mask], dim=1)  # (S, P' + R)
+        positions = p_mask.sum(1)[groups.prefix_of, None] + torch.arange(c_ids.shape[1], device=c_ids.device)
+        c_logits = self.lm(inputs_embeds=self.lm.get_input_embeddings()(c_ids), attention_mask=mask,
+                           position_ids=positions, use_cache=True, **{self.cache_kwarg(): cache}).logits
+        logits = torch.cat([first_logits[:, None], c_logits], dim=1)  # (S, 1 + R, V)
+        return sequence_logps(logits, torch.cat([torch.full_like(c_labels[:, :1], IGNORE_INDEX), c_labels], 1))
+
+    def cache_kwarg(self) -> str:
+        """The forward argument that takes a KV cache: `cache` in transformers 5, `past_key_values` before."""
+        if self._cache_kwarg is None:
+            base = self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
+            self._cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        return self._cache_kwarg
 
     def supports_logits_to_keep(self) -> bool:
         if self._supports_logits_to_keep is None:
@@ -115,11 +155,7 @@ class PersonalizedLM(nn.Module):
             mask[row, :len(p)] = 1
         idx = None if user_idx is None else user_idx.to(device)
         embeds, mask, _ = self.insert_user_tokens(ids, mask, None, idx)
-        lengths = mask.sum(-1)
-        shift = mask.shape[1] - lengths  # (B,) roll each row right so its padding sits on the left
-        order = (torch.arange(mask.shape[1], device=device)[None, :] - shift[:, None]) % mask.shape[1]
-        embeds = torch.gather(embeds, 1, order[..., None].expand_as(embeds))
-        mask = torch.gather(mask, 1, order)
+        embeds, mask = left_align(embeds, mask)
         if generate_kwargs.pop("use_cache", True) is False:
             # transformers always caches when generating from inputs_embeds, so the uncached path is ours
             out = self._greedy_without_cache(embeds, mask, eos_token_id, pad_token_id, max_new_tokens,

@@ -102,7 +102,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     if is_rm:
         model = PersonalizedRewardModel(lm, user_model, int(adds_bos(tokenizer)), base.config.hidden_size)
     else:
-        model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer)))
+        model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer)),
+                               share_prompts=config.share_prompts and not config.gradient_checkpointing)
     model = model.to(accelerator.device)
     if is_rm:  # a reward model has no reference
         ref_chosen = ref_rejected = torch.zeros(len(pairs))

@@ -1,0 +1,117 @@
+"""Shared-prompt scoring gives the same log-probs and gradients as one full forward per row, on every
+architecture, and really runs one prefix per distinct (user, prompt)."""
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, tiny_architecture
+from prlhf.data.schema import PreferenceRecord
+from prlhf.data.tokenize import adds_bos, collate_pairs, encode_records
+from prlhf.model.loading import add_lora, ensure_pad_token
+from prlhf.model.personalized import PersonalizedLM
+from prlhf.model.prompt_sharing import group_by_prompt
+from prlhf.train.loop import train
+from prlhf.users.models import build_user_model
+
+# Prompts of different lengths, one-token and multi-token answers, and one prompt rated by two users.
+RECORDS = [PreferenceRecord("u1", "Summarize: the quiet cat.", "The cat.", "The quiet cat carried a map."),
+           PreferenceRecord("u2", "hello world", " Yes", " No"),
+           PreferenceRecord("u1", "hello world", " No", " Yes"),
+           PreferenceRecord("u2", "Is this a small corpus for a tiny tokenizer?", "yes", "no, it is a corpus")]
+
+
+def make(arch, tokenizer, share: bool):
+    base = tiny_architecture(arch, tokenizer)
+    ensure_pad_token(tokenizer, base)
+    d = base.get_input_embeddings().weight.shape[1]
+    um = build_user_model("individual", 2, 3, d, input_embeddings=base.get_input_embeddings().weight, seed=0)
+    lm = add_lora(base, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # non-zero adapters, so their gradients are not trivially equal
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return PersonalizedLM(lm, um, prefix_len=int(adds_bos(tokenizer)), share_prompts=share).eval()
+
+
+def policy_rows(tokenizer):
+    """The training loop's layout: chosen rows, rejected rows, then both again under the generic user 0."""
+    batch = collate_pairs(encode_records(RECORDS, tokenizer), torch.tensor([1, 2, 1, 2]), torch.arange(4),
+                          tokenizer.pad_token_id)
+    users = torch.cat([batch.user_idx.repeat(2), torch.zeros(8, dtype=torch.long)])
+    return batch.input_ids.repeat(2, 1), batch.attention_mask.repeat(2, 1), batch.labels.repeat(2, 1), users
+
+
+def logps_and_grads(model, rows, weights):
+    model.zero_grad()
+    logps = model(*rows)
+    (logps * weights).sum().backward()
+    grads = {n: p.grad.detach().to_dense() for n, p in model.named_parameters() if p.grad is not None}
+    return logps.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shared_prompts_match_full_forward_in_value_and_gradient(arch, tiny_tokenizer):
+    rows = policy_rows(tiny_tokenizer)
+    weights = torch.randn(rows[0].shape[0], generator=torch.Generator().manual_seed(0))
+    full_logps, full_grads = logps_and_grads(make(arch, tiny_tokenizer, share=False), rows, weights)
+    shared = make(arch, tiny_tokenizer, share=True)
+    calls = []
+    shared.lm.register_forward_pre_hook(lambda _m, _a, kw: calls.append(kw["inputs_embeds"].shape[0]),
+                                        with_kwargs=True)
+    shared_logps, shared_grads = logps_and_grads(shared, rows, weights)
+    # 16 rows; distinct (user, prompt): 4 prompts under their users (u1 and u2 each rate "hello world") + 3 under e_0
+    assert calls == [7, 16]
+    assert shared.share_prompts
+    assert torch.allclose(shared_logps, full_logps, atol=1e-5), (shared_logps - full_logps).abs().max()
+    assert full_grads.keys() == shared_grads.keys()
+    assert any("lora" in n for n in full_grads) and any("user_model" in n for n in full_grads)
+    for name, g in full_grads.items():
+        assert torch.allclose(shared_grads[name], g, atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reference_rows_share_prompts_too(arch, tiny_tokenizer):
+    ids, mask, labels, _ = policy_rows(tiny_tokenizer)
+    full = make(arch, tiny_tokenizer, share=False).reference_logps(ids, mask, labels)
+    shared = make(arch, tiny_tokenizer, share=True).reference_logps(ids, mask, labels)
+    assert torch.allclose(shared, full, atol=1e-5)
+
+
+def test_grouping_keys_on_user_and_prompt_and_declines_when_nothing_is_shared(tiny_tokenizer):
+    ids, mask, labels, users = policy_rows(tiny_tokenizer)
+    groups = group_by_prompt(ids, mask, labels, users)
+    assert groups is not None and len(groups.first_row) == 7
+    for row in range(16):  # each row continues a prefix with its own user and its own prompt tokens
+        first = int(groups.first_row[groups.prefix_of[row]])
+        start = int(groups.starts[row])
+        assert users[first] == users[row] and torch.equal(ids[first, :start], ids[row, :start])
+    assert len(group_by_prompt(ids, mask, labels, None).first_row) == 3  # no users: 3 distinct prompts
+    distinct = torch.arange(4)  # the chosen rows: one per (user, prompt), nothing to share
+    assert group_by_prompt(ids[distinct], mask[distinct], labels[distinct], users[distinct]) is None
+    unlabelled = labels.clone()
+    unlabelled[0] = -100
+    assert group_by_prompt(ids, mask, unlabelled, users) is None
+
+
+def test_training_with_shared_prompts_reaches_the_same_weights(task_dir, tmp_path, monkeypatch):
+    """Three P-DPO steps (LoRA dropout off: with it on, a shared prompt draws one mask for all its rows)."""
+    from test_train_resume import config, trained_weights
+
+    shared_calls = []
+    real = PersonalizedLM._forward_shared_prompts
+
+    def counting(self, *args):
+        shared_calls.append(self.training)
+        return real(self, *args)
+
+    monkeypatch.setattr(PersonalizedLM, "_forward_shared_prompts", counting)
+    runs = {}
+    for share in (False, True):
+        out = tmp_path / f"share_{share}"
+        train(config(task_dir, out, max_steps=3, lora_dropout=0.0, share_prompts=share), show_progress=False)
+        runs[share] = trained_weights(out)
+        assert (True in shared_calls) == share  # training steps took the shared path only when asked
+    assert runs[True].keys() == runs[False].keys()
+    assert any(k.startswith("user_model.") for k in runs[True]) and any("lora_B" in k for k in runs[True])
+    for name, w in runs[False].items():
+        assert torch.allclose(runs[True][name], w, atol=1e-5, rtol=0), name
