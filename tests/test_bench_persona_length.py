@@ -31,7 +31,7 @@ def test_persona_bench_writes_both_splits(toy_persona, monkeypatch):
     real_train = persona.train
     monkeypatch.setattr(persona, "train", recording_train)
     code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
-                 "--methods", "vanilla_dpo,p_dpo_individual,p_dpo_cluster,prompting", "--curve-points", "5",
+                 "--methods", "vanilla_dpo,p_dpo_individual,p_dpo_cluster,prompting", "--curve-points", "3",
                  "--user-lr", "0.02"])
     assert code == 0
     assert [c.user_lr for c in configs] == [0.02] * 3
@@ -49,7 +49,8 @@ def test_persona_bench_writes_both_splits(toy_persona, monkeypatch):
     assert statements["split"] == "statements" and set(statements["methods"]) == set(doc["methods"])
     curves = json.loads((out / "curves.json").read_text())
     assert {row["split"] for row in curves["p_dpo_individual"]} == {"curve_pairs", "curve_statements"}
-    assert sum(row["split"] == "curve_pairs" for row in curves["p_dpo_individual"]) == 5  # 5 steps
+    # 5 steps, 3 points: every 2 steps and at the end (steps 2, 4, 5), not 1, 2, 3, 4, 5
+    assert [row["step"] for row in curves["p_dpo_individual"] if row["split"] == "curve_pairs"] == [2, 4, 5]
     assert (out / "report.md").is_file() and (out / "accuracy.png").is_file()
     assert not (out / "work").exists()  # neither runs nor data derived from the persona files stay behind
     assert main(["bench", "persona", "--quick", "--out", str(out), "--methods", "dpo_magic",
@@ -104,3 +105,9 @@ def test_length_bench_table(tmp_path):
         assert 0.0 <= r["majority_accuracy"] <= 1.0 and 0.0 <= r["minority_accuracy"] <= 1.0
     assert "| 0.7 |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "minority_vs_share.png").is_file()
+
+
+def test_persona_bench_refuses_unknown_training_options(tmp_path):
+    with pytest.raises(ValueError, match="user_lrr"):
+        persona.run_persona_bench(tmp_path / "out", quick=True, user_lrr=1e-3)
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,8 @@ from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 
 logger = logging.getLogger(__name__)
 BATCH_PAIRS = 16
+# TrainConfig values of every trained method unless the caller gives others
+BENCH_TRAIN_DEFAULTS = {"threads": 2, "batch_size": BATCH_PAIRS, "user_tokens": 10}
 SPLITS = {"pairs": "test", "statements": "test_statements"}
 
 
@@ -80,17 +82,24 @@ def per_dimension(records, dims: list[str], margins: torch.Tensor, seen: set[str
 
 
 def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None, quick: bool = False,
-                      threads: int = 2, seed: int = 0, methods: list[str] | None = None,
-                      dimensions: list[str] | None = None, lr: float = 0.0, epochs: float | None = None,
-                      data_dir: str | None = None, keep_runs: bool = False, user_tokens: int = 10,
+                      seed: int = 0, methods: list[str] | None = None, dimensions: list[str] | None = None,
+                      epochs: float | None = None, data_dir: str | None = None, keep_runs: bool = False,
                       statements_per_pole: int | None = None, train_pairs_per_user: int | None = None,
-                      curve_points: int | None = None, user_lr: float = 0.0, batch_size: int = BATCH_PAIRS, profile_ids: bool = False,
-                      mixed_precision: str = "auto", user_weight_decay: float = 0.0,
-                      gradient_checkpointing: bool = False) -> dict:
-    """`profile_ids` is a diagnostic: seen users who share a profile share one user id in training (each id then
+                      curve_points: int | None = None, profile_ids: bool = False, **train_options) -> dict:
+    """Build the task, train each method, score both splits; `train_options` are `TrainConfig` fields given to
+    every trained method (threads, batch_size, lr, user_lr, user_tokens, mixed_precision, ...), over the bench's
+    defaults (BENCH_TRAIN_DEFAULTS; the adapter rate is 1e-3 for pretrained models too).
+
+    `profile_ids` is a diagnostic: seen users who share a profile share one user id in training (each id then
     has all its profile's pairs), and each user is scored with its profile's embedding. It shows what implicit
     embeddings can learn when every id has many pairs; the figures stay per real user."""
-    torch.set_num_threads(threads)
+    unknown = set(train_options) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown training option(s) {sorted(unknown)}")
+    options = {**BENCH_TRAIN_DEFAULTS, **{k: v for k, v in train_options.items() if v is not None}}
+    if not options.get("lr"):
+        options["lr"] = 0.0 if model == "tiny" else 1e-3
+    torch.set_num_threads(options["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = QUICK if quick else (FULL_TINY if model == "tiny" else FULL_PRETRAINED)
     if n_users:
@@ -134,15 +143,11 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     unknown = [m for m in chosen if m not in all_methods]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(all_methods)}")
-    steps_per_epoch = math.ceil(len(task.train) / batch_size)
+    steps_per_epoch = math.ceil(len(task.train) / options["batch_size"])
     total_steps = math.ceil(size.epochs * steps_per_epoch)
-    base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs,
-                           batch_size=batch_size,
-                           lr=lr or (0.0 if model == "tiny" else 1e-3), user_lr=user_lr, seed=seed, threads=threads,
-                           eval_data=",".join(curve_files), eval_steps=max(1, total_steps // size.evals),
-                           report_to="none", max_length=160, max_prompt_length=128, log_steps=4,
-                           user_tokens=user_tokens, mixed_precision=mixed_precision,
-                           user_weight_decay=user_weight_decay, gradient_checkpointing=gradient_checkpointing)
+    base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs, seed=seed,
+                           eval_data=",".join(curve_files), eval_steps=math.ceil(total_steps / size.evals),
+                           report_to="none", max_length=160, max_prompt_length=128, log_steps=4, **options)
     settings = run_settings(task, size, base_cfg, dims, profiles, total_steps, quick, profile_ids)
 
     seen = set(task.seen_users)

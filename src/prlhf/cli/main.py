@@ -124,20 +124,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# `bench persona` flags that are TrainConfig fields, passed through to every trained method
+PERSONA_TRAIN_FLAGS = ("threads", "lr", "user_lr", "user_tokens", "batch_size", "mixed_precision", "user_weight_decay",
+                       "gradient_checkpointing")
+
+
 def cmd_bench_persona(args) -> int:
     from prlhf.bench.persona import run_persona_bench
 
     split = lambda v: v.split(",") if v else None  # noqa: E731
     try:
-        run_persona_bench(Path(args.out), model=args.model, n_users=args.users, quick=args.quick,
-                          threads=args.threads, seed=args.seed, methods=split(args.methods),
-                          dimensions=split(args.dimensions), lr=args.lr, epochs=args.epochs,
-                          data_dir=args.persona_dir, keep_runs=args.keep_runs, user_tokens=args.user_tokens,
+        run_persona_bench(Path(args.out), model=args.model, n_users=args.users, quick=args.quick, seed=args.seed,
+                          methods=split(args.methods), dimensions=split(args.dimensions), epochs=args.epochs,
+                          data_dir=args.persona_dir, keep_runs=args.keep_runs,
                           statements_per_pole=args.statements_per_pole,
                           train_pairs_per_user=args.train_pairs_per_user, curve_points=args.curve_points,
-                          user_lr=args.user_lr, batch_size=args.batch_size, profile_ids=args.profile_ids,
-                          mixed_precision=args.mixed_precision, user_weight_decay=args.user_weight_decay,
-                          gradient_checkpointing=args.gradient_checkpointing)
+                          profile_ids=args.profile_ids, **{k: getattr(args, k) for k in PERSONA_TRAIN_FLAGS})
     except ValueError as exc:
         raise ConfigError(f"bench persona: {exc}") from None
     return 0
