@@ -101,14 +101,17 @@ class PersonalizedLM(nn.Module):
     def cache_kwarg(self) -> str:
         """The forward argument that takes a KV cache: `cache` in transformers 5, `past_key_values` before."""
         if self._cache_kwarg is None:
-            base = self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
-            self._cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+            self._cache_kwarg = "cache" if "cache" in self._base_forward_params() else "past_key_values"
         return self._cache_kwarg
+
+    def _base_forward_params(self):
+        """The parameter names of the underlying transformers model's forward (under any PEFT wrapper)."""
+        base = self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
+        return inspect.signature(base.forward).parameters
 
     def supports_logits_to_keep(self) -> bool:
         if self._supports_logits_to_keep is None:
-            base = self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
-            self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+            self._supports_logits_to_keep = "logits_to_keep" in self._base_forward_params()
         return self._supports_logits_to_keep
 
     def _logits_to_keep(self, labels: torch.Tensor) -> int | None:
