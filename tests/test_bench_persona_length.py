@@ -60,7 +60,8 @@ def test_persona_bench_writes_both_splits(toy_persona, monkeypatch):
 @pytest.mark.slow
 def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
     """--profile-ids trains on one id per profile but scores every real user; --batch-size and
-    --train-pairs-per-user set the step count; --mixed-precision and --user-weight-decay are passed to training."""
+    --train-pairs-per-user set the step count; --mixed-precision and --user-weight-decay are passed to training;
+    --majority-share reaches the task builder."""
     data, out = toy_persona
     scored = []
 
@@ -72,12 +73,13 @@ def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
     monkeypatch.setattr(persona, "per_user_accuracy", recording_accuracy)
     code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
                  "--methods", "p_dpo_individual,p_dpo_lowrank", "--profile-ids", "--batch-size", "8",
-                 "--train-pairs-per-user", "10",
+                 "--train-pairs-per-user", "10", "--majority-share", "0.5",
                  "--mixed-precision", "bf16", "--user-weight-decay", "0.1", "--keep-runs"])
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["profile_ids"] is True and doc["batch_size"] == 8
     assert doc["data"]["train_pairs_per_user"] == 10 and doc["n_train_pairs"] == 60 and doc["steps"] == 8  # 60 / 8
+    assert doc["data"]["majority_share"] == 0.5  # task.meta: the builder drew the profiles with it
     assert set(doc["methods"]) == {"p_dpo_individual", "p_dpo_lowrank"}
     # bf16 autocast on the CPU reaches the training runs and the record
     assert doc["mixed_precision"] == "bf16"

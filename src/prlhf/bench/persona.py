@@ -85,10 +85,14 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                       seed: int = 0, methods: list[str] | None = None, dimensions: list[str] | None = None,
                       epochs: float | None = None, data_dir: str | None = None, keep_runs: bool = False,
                       statements_per_pole: int | None = None, train_pairs_per_user: int | None = None,
-                      curve_points: int | None = None, profile_ids: bool = False, **train_options) -> dict:
+                      curve_points: int | None = None, profile_ids: bool = False, majority_share: float = 0.7,
+                      **train_options) -> dict:
     """Build the task, train each method, score both splits; `train_options` are `TrainConfig` fields given to
     every trained method (threads, batch_size, lr, user_lr, user_tokens, mixed_precision, ...), over the bench's
     defaults (BENCH_TRAIN_DEFAULTS; the adapter rate is 1e-3 for pretrained models too).
+
+    `majority_share` is each dimension's share of users at its first pole. At 0.7 a model that ignores the user
+    (vanilla DPO) can score about 0.7 on split pairs by serving the majority; at 0.5 about 0.5.
 
     `profile_ids` is a diagnostic: seen users who share a profile share one user id in training (each id then
     has all its profile's pairs), and each user is scored with its profile's embedding. It shows what implicit
@@ -116,7 +120,8 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     task = build_persona_task(n_seen_users=size.n_seen, n_unseen_users=size.n_unseen, dimensions=dims,
                               statements_per_pole=size.statements_per_pole,
                               train_pairs_per_user=size.train_pairs_per_user,
-                              test_pairs_per_user=size.test_pairs_per_user, seed=seed, data_dir=data_dir)
+                              test_pairs_per_user=size.test_pairs_per_user, majority_share=majority_share,
+                              seed=seed, data_dir=data_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     data = work / "data"

@@ -139,7 +139,8 @@ def cmd_bench_persona(args) -> int:
                           data_dir=args.persona_dir, keep_runs=args.keep_runs,
                           statements_per_pole=args.statements_per_pole,
                           train_pairs_per_user=args.train_pairs_per_user, curve_points=args.curve_points,
-                          profile_ids=args.profile_ids, **{k: getattr(args, k) for k in PERSONA_TRAIN_FLAGS})
+                          profile_ids=args.profile_ids, majority_share=args.majority_share,
+                          **{k: getattr(args, k) for k in PERSONA_TRAIN_FLAGS})
     except ValueError as exc:
         raise ConfigError(f"bench persona: {exc}") from None
     return 0
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "more users; default 30 quick, 100 tiny, 12 pretrained)")
     pe.add_argument("--train-pairs-per-user", type=int,
                     help="training pairs of each seen user (default 40 quick, 60 tiny, 16 pretrained)")
+    pe.add_argument("--majority-share", type=float, default=0.7,
+                    help="share of users at each dimension's first pole (default 0.7: a model that ignores the user "
+                         "scores about 0.7 on split pairs; 0.5 makes that about 0.5)")
     pe.add_argument("--curve-points", type=int,
                     help="learning-curve evaluations per trained method (default 4; 6 at the full tiny size)")
     pe.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (default 16)")
