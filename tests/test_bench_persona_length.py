@@ -74,7 +74,8 @@ def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
     code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
                  "--methods", "p_dpo_individual,p_dpo_lowrank", "--profile-ids", "--batch-size", "8",
                  "--train-pairs-per-user", "10", "--majority-share", "0.5",
-                 "--mixed-precision", "bf16", "--user-weight-decay", "0.1", "--keep-runs"])
+                 "--mixed-precision", "bf16", "--user-weight-decay", "0.1", "--user-code-lr", "0.05",
+                 "--keep-runs"])
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["profile_ids"] is True and doc["batch_size"] == 8
@@ -85,7 +86,8 @@ def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
     assert doc["mixed_precision"] == "bf16"
     run_config = (out / "work" / "runs" / "p_dpo_individual" / "config.yaml").read_text()
     assert "mixed_precision: bf16" in run_config and "user_weight_decay: 0.1" in run_config
-    assert doc["user_weight_decay"] == 0.1
+    assert "user_code_lr: 0.05" in run_config
+    assert doc["user_weight_decay"] == 0.1 and doc["user_code_lr"] == 0.05
     users = json.loads((out / "work" / "data" / "users.json").read_text())["users"]
     profiles = {f"profile-{info['profile_id']}" for info in users.values() if info["seen"]}
     trained_ids = {json.loads(line)["user_id"] for line in (out / "work" / "data" / "train.jsonl").open()}

@@ -1,4 +1,5 @@
-"""Training options that trade memory or regularise users: --gradient-checkpointing, --user-weight-decay."""
+"""Training options that trade memory or regularise users: --gradient-checkpointing, --user-weight-decay,
+--user-code-lr."""
 
 from __future__ import annotations
 
@@ -58,6 +59,29 @@ def test_user_weight_decay_reaches_only_the_per_user_rows(kind, tiny_tokenizer):
     optimizer.step()
     assert torch.allclose(table[[1, 3]], before[[1, 3]] * (1 - 1e-2 * 0.5))
     assert torch.equal(table[[0, 2, 4, 5]], before[[0, 2, 4, 5]])
+
+
+@pytest.mark.parametrize("kind", ["individual", "lowrank", "cluster"])
+def test_user_code_lr_reaches_only_cluster_logits_and_lowrank_vectors(kind, tiny_tokenizer):
+    lm = add_lora(build_tiny_model(tiny_tokenizer, seed=0))
+    users = build_user_model(kind, 5, 2, lm.get_input_embeddings().weight.shape[1], num_clusters=3, rank=2,
+                             input_embeddings=lm.get_input_embeddings().weight)
+    model = PersonalizedLM(lm, users, prefix_len=1)
+    cfg = TrainConfig(data="x", out="y", lr=1e-3, user_lr=1e-2, user_code_lr=0.3, user_weight_decay=0.5)
+    groups = build_optimizer(model, cfg).param_groups
+    by_lr = {}
+    for g in groups:
+        by_lr.setdefault(g["lr"], set()).update(id(p) for p in g["params"])
+    table = {"individual": None, "lowrank": "vectors", "cluster": "weights"}[kind]
+    codes = {id(getattr(users, table).weight)} if table else set()
+    assert by_lr.get(0.3, set()) == codes
+    assert by_lr[1e-2] == {id(p) for p in users.parameters()} - codes  # soft tokens, e_0, prototypes, U
+    assert [g["weight_decay"] for g in groups if g["lr"] == 0.3] == ([0.5] if codes else [])  # still per-user rows
+    # 0 = the user-model rate: one rate for the whole user model, as before the option existed
+    plain = build_optimizer(model, TrainConfig(data="x", out="y", lr=1e-3, user_lr=1e-2)).param_groups
+    assert {g["lr"] for g in plain} == {1e-3, 1e-2}
+    with pytest.raises(ConfigError, match="learning rates"):
+        TrainConfig(data="x", out="y", user_code_lr=-1.0).validate()
 
 
 def test_negative_user_weight_decay_is_refused():

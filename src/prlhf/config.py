@@ -58,6 +58,10 @@ class TrainConfig:
     lr: float = _meta("learning rate of the LM adapters (0 = 1e-3 for tiny, 5e-5 otherwise)", default=0.0)
     user_lr: float = _meta("learning rate of the user model (0 = 30x lr: soft tokens move slowly at the LM's rate)",
                            default=0.0)
+    user_code_lr: float = _meta("learning rate of the cluster model's mixing logits and the low-rank model's user "
+                                "vectors (0 = user_lr): these are O(1) numbers, where soft tokens are on the scale of "
+                                "the LM's embeddings (std 0.14 for SmolLM2), so a rate sized for the tokens barely "
+                                "moves them", default=0.0)
     weight_decay: float = _meta("AdamW weight decay of the adapters", default=0.0)
     user_weight_decay: float = _meta("AdamW weight decay of the per-user rows, applied when a user is in the batch: "
                                      "pulls individual/lowrank users towards the generic user, cluster users "
@@ -76,8 +80,9 @@ class TrainConfig:
                                 default=True)
     sft_steps: int = _meta("supervised warm-up steps on the responses before DPO (-1 = 300 for tiny, 0 "
                            "otherwise)", default=-1)
-    gradient_checkpointing: bool = _meta("recompute each layer's activations in the backward pass: SmolLM2 "
-                                         "on a CPU took 2.5x less memory for a 1.4x longer step", default=False)
+    gradient_checkpointing: bool = _meta("recompute each layer's activations in the backward pass: a SmolLM2 "
+                                         "step in bf16 on a CPU took 2.5x less memory and 1.6x longer (and "
+                                         "turns shared prompts off)", default=False)
     share_prompts: bool = _meta("score the responses that share a prompt (chosen, rejected, their generic copies) "
                                 "from one forward of that prompt and its KV cache: same log-probs; SmolLM2 steps with "
                                 "short answers ran 2.0x faster in fp32, 1.5x in bf16 (off under gradient "
@@ -118,7 +123,7 @@ class TrainConfig:
             (self.epochs > 0, "epochs must be > 0"),
             (self.max_steps >= 0, "max_steps must be >= 0"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.lr >= 0 and self.user_lr >= 0, "learning rates must be >= 0"),
+            (self.lr >= 0 and self.user_lr >= 0 and self.user_code_lr >= 0, "learning rates must be >= 0"),
             (self.weight_decay >= 0 and self.user_weight_decay >= 0, "weight decays must be >= 0"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
             (self.max_length > self.max_prompt_length > 0, "need max_length > max_prompt_length > 0"),
@@ -142,6 +147,9 @@ class TrainConfig:
 
     def resolved_user_lr(self) -> float:
         return self.user_lr or 30 * self.resolved_lr()
+
+    def resolved_user_code_lr(self) -> float:
+        return self.user_code_lr or self.resolved_user_lr()
 
     def resolved_sft_steps(self) -> int:
         return (TINY_SFT_STEPS if self.is_tiny else 0) if self.sft_steps < 0 else self.sft_steps

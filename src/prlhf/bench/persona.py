@@ -233,6 +233,7 @@ def run_settings(task, size: PersonaSize, cfg: TrainConfig, dims: list[str], pro
             "batch_size": cfg.batch_size, "user_tokens": cfg.user_tokens, "threads": cfg.threads,
             "mixed_precision": cfg.mixed_precision,
             "quick": quick, "profile_ids": profile_ids, "lr": cfg.resolved_lr(), "user_lr": cfg.resolved_user_lr(),
+            "user_code_lr": cfg.resolved_user_code_lr(),
             "user_weight_decay": cfg.user_weight_decay, "gradient_checkpointing": cfg.gradient_checkpointing,
             "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
             "data": {k: task.meta[k] for k in ("source", "n_train_statements", "n_test_statements",
@@ -264,7 +265,8 @@ def render_report(docs: dict, curves: dict) -> str:
              f"{', '.join(any_doc['dimensions'])} ({any_doc['n_profiles']} profiles among seen users), "
              f"{any_doc['n_train_pairs']} training pairs, {any_doc['epochs']} epoch(s) = {any_doc['steps']} steps of "
              f"{any_doc['batch_size']} pairs, learning rate {any_doc['lr']:g} (adapters) / "
-             f"{any_doc['user_lr']:g} (user model, weight decay {any_doc['user_weight_decay']:g}), "
+             f"{any_doc['user_lr']:g} (user model, weight decay {any_doc['user_weight_decay']:g}; cluster logits / "
+             f"low-rank vectors {any_doc['user_code_lr']:g}), "
              f"seed {any_doc['seed']}, {any_doc['threads']} threads, mixed precision {any_doc['mixed_precision']}."
              + (" Diagnostic: users who share a profile share one user id in training (--profile-ids)."
                 if any_doc["profile_ids"] else ""), "",

@@ -125,8 +125,8 @@ def cmd_demo(args) -> int:
 
 
 # `bench persona` flags that are TrainConfig fields, passed through to every trained method
-PERSONA_TRAIN_FLAGS = ("threads", "lr", "user_lr", "user_tokens", "batch_size", "mixed_precision", "user_weight_decay",
-                       "gradient_checkpointing")
+PERSONA_TRAIN_FLAGS = ("threads", "lr", "user_lr", "user_code_lr", "user_tokens", "batch_size", "mixed_precision",
+                       "user_weight_decay", "gradient_checkpointing")
 
 
 def cmd_bench_persona(args) -> int:
@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--epochs", type=float, help="override the size preset's epochs")
     pe.add_argument("--lr", type=float, default=0.0, help="adapter learning rate (0 = 1e-3; the user model gets 30x)")
     pe.add_argument("--user-lr", type=float, default=0.0, help="user-model learning rate (0 = 30x the adapter rate)")
+    pe.add_argument("--user-code-lr", type=float, default=0.0,
+                    help="cluster mixing logits / low-rank user vectors' learning rate (0 = the user-model rate)")
     pe.add_argument("--persona-dir", help="folder of <trait>.jsonl files (default ../shared/data/anthropic-persona)")
     pe.add_argument("--user-tokens", type=int, default=10, help="T_u, soft tokens per user (default 10)")
     pe.add_argument("--statements-per-pole", type=int, help="statements drawn per trait file (fewer = each is rated by "

@@ -69,17 +69,21 @@ def prepare_base(config: TrainConfig, records: Sequence[PreferenceRecord], run_d
 
 
 def build_optimizer(model: PersonalizedLM, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adapters at lr; the user model at its own (higher) rate. Only the per-user tables (sparse: each row is
-    updated, and decayed, only when its user is in the batch) take `user_weight_decay`; decay on e_0, the
-    prototypes or the shared up-projection would shrink every user's tokens at once."""
+    """Adapters at lr; the user model at its own (higher) rate, and its O(1) per-user codes (cluster logits,
+    low-rank vectors) at `user_code_lr`. Only the per-user tables (sparse: each row is updated, and decayed, only
+    when its user is in the batch) take `user_weight_decay`; decay on e_0, the prototypes or the shared
+    up-projection would shrink every user's tokens at once."""
     lm_params = [p for p in model.lm.parameters() if p.requires_grad]
     if hasattr(model, "value_head"):  # a reward model's head learns with the adapters
         lm_params += list(model.value_head.parameters())
     tables = [m.weight for m in model.user_model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
     shared = [p for p in model.user_model.parameters() if p.requires_grad and all(p is not t for t in tables)]
     groups = [{"params": lm_params, "lr": config.resolved_lr(), "weight_decay": config.weight_decay}]
-    user_lr = config.resolved_user_lr()
-    for params, decay in ((tables, config.user_weight_decay), (shared, 0.0)):
+    codes = {id(p) for p in model.user_model.code_parameters()}
+    user_lr, code_lr = config.resolved_user_lr(), config.resolved_user_code_lr()
+    for params, lr, decay in (([t for t in tables if id(t) not in codes], user_lr, config.user_weight_decay),
+                              ([t for t in tables if id(t) in codes], code_lr, config.user_weight_decay),
+                              (shared, user_lr, 0.0)):
         if params:
-            groups.append({"params": params, "lr": user_lr, "weight_decay": decay})
+            groups.append({"params": params, "lr": lr, "weight_decay": decay})
     return RowSparseAdamW(groups)

@@ -45,6 +45,10 @@ class UserModel(nn.Module):
         return {"kind": self.kind, "num_users": self.num_users, "num_tokens": self.num_tokens,
                 "hidden_size": self.hidden_size}
 
+    def code_parameters(self) -> list[nn.Parameter]:
+        """Per-user parameters that are O(1) codes rather than soft tokens (they may learn at their own rate)."""
+        return []
+
 
 class UniformUserModel(UserModel):
     """Every user is the same user: no soft tokens at all, so P-DPO reduces exactly to vanilla DPO."""
@@ -100,6 +104,9 @@ class ClusterUserModel(UserModel):
     def config(self) -> dict:
         return {**super().config(), "num_clusters": self.num_clusters}
 
+    def code_parameters(self) -> list[nn.Parameter]:
+        return [self.weights.weight]  # mixing logits: a user picks a cluster only once they differ by O(1)
+
     def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
         mix = torch.softmax(self.weights(user_idx), dim=-1)  # (B, K)
         return torch.einsum("bk,ktd->btd", mix, self.prototypes)  # (B, T_u, d)
@@ -130,6 +137,9 @@ class LowRankUserModel(UserModel):
 
     def config(self) -> dict:
         return {**super().config(), "rank": self.rank}
+
+    def code_parameters(self) -> list[nn.Parameter]:
+        return [self.vectors.weight]  # v_i ~ N(0, I) at the start
 
     def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
         v = self.vectors(user_idx) * (user_idx != 0).to(self.up.dtype)[:, None]  # (B, r)
