@@ -60,8 +60,7 @@ class TrainConfig:
                            default=0.0)
     user_code_lr: float = _meta("learning rate of the cluster model's mixing logits and the low-rank model's user "
                                 "vectors (0 = user_lr): these are O(1) numbers, where soft tokens are on the scale of "
-                                "the LM's embeddings (std 0.14 for SmolLM2), so a rate sized for the tokens barely "
-                                "moves them", default=0.0)
+                                "the LM's embeddings (std 0.14 for SmolLM2)", default=0.0)
     weight_decay: float = _meta("AdamW weight decay of the adapters", default=0.0)
     user_weight_decay: float = _meta("AdamW weight decay of the per-user rows, applied when a user is in the batch: "
                                      "pulls individual/lowrank users towards the generic user, cluster users "

@@ -91,8 +91,9 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     every trained method (threads, batch_size, lr, user_lr, user_tokens, mixed_precision, ...), over the bench's
     defaults (BENCH_TRAIN_DEFAULTS; the adapter rate is 1e-3 for pretrained models too).
 
-    `majority_share` is each dimension's share of users at its first pole. At 0.7 a model that ignores the user
-    (vanilla DPO) can score about 0.7 on split pairs by serving the majority; at 0.5 about 0.5.
+    `majority_share` is each dimension's expected share of users at its first pole. A model that ignores the user
+    (vanilla DPO) can score up to the mean realised majority share on split pairs by serving the majority: about
+    0.7 at 0.7, about 0.5 at 0.5.
 
     `profile_ids` is a diagnostic: seen users who share a profile share one user id in training (each id then
     has all its profile's pairs), and each user is scored with its profile's embedding. It shows what implicit

@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--train-pairs-per-user", type=int,
                     help="training pairs of each seen user (default 40 quick, 60 tiny, 16 pretrained)")
     pe.add_argument("--majority-share", type=float, default=0.7,
-                    help="share of users at each dimension's first pole (default 0.7: a model that ignores the user "
-                         "scores about 0.7 on split pairs; 0.5 makes that about 0.5)")
+                    help="expected share of users at each dimension's first pole (default 0.7: a model that ignores "
+                         "the user can score up to about 0.7 on split pairs; 0.5 makes that about 0.5)")
     pe.add_argument("--curve-points", type=int,
                     help="learning-curve evaluations per trained method (default 4; 6 at the full tiny size)")
     pe.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (default 16)")
