@@ -37,12 +37,18 @@ def test_gradient_checkpointing_trains_the_same_weights(task_dir, tmp_path, monk
     assert_same_weights(plain, checkpointed)
 
 
-@pytest.mark.parametrize("kind", ["individual", "lowrank", "cluster"])
-def test_user_weight_decay_reaches_only_the_per_user_rows(kind, tiny_tokenizer):
-    lm = add_lora(build_tiny_model(tiny_tokenizer, seed=0))
+def tiny_personalized(kind: str, tokenizer) -> PersonalizedLM:
+    """A tiny LoRA LM with a `kind` user model of 5 users, 2 tokens (3 clusters / rank 2)."""
+    lm = add_lora(build_tiny_model(tokenizer, seed=0))
     users = build_user_model(kind, 5, 2, lm.get_input_embeddings().weight.shape[1], num_clusters=3, rank=2,
                              input_embeddings=lm.get_input_embeddings().weight)
-    model = PersonalizedLM(lm, users, prefix_len=1)
+    return PersonalizedLM(lm, users, prefix_len=1)
+
+
+@pytest.mark.parametrize("kind", ["individual", "lowrank", "cluster"])
+def test_user_weight_decay_reaches_only_the_per_user_rows(kind, tiny_tokenizer):
+    model = tiny_personalized(kind, tiny_tokenizer)
+    users = model.user_model
     cfg = TrainConfig(data="x", out="y", lr=1e-3, user_lr=1e-2, weight_decay=0.01, user_weight_decay=0.5)
     groups = build_optimizer(model, cfg).param_groups
     table = getattr(users, {"individual": "offsets", "lowrank": "vectors", "cluster": "weights"}[kind]).weight
@@ -63,10 +69,8 @@ def test_user_weight_decay_reaches_only_the_per_user_rows(kind, tiny_tokenizer):
 
 @pytest.mark.parametrize("kind", ["individual", "lowrank", "cluster"])
 def test_user_code_lr_reaches_only_cluster_logits_and_lowrank_vectors(kind, tiny_tokenizer):
-    lm = add_lora(build_tiny_model(tiny_tokenizer, seed=0))
-    users = build_user_model(kind, 5, 2, lm.get_input_embeddings().weight.shape[1], num_clusters=3, rank=2,
-                             input_embeddings=lm.get_input_embeddings().weight)
-    model = PersonalizedLM(lm, users, prefix_len=1)
+    model = tiny_personalized(kind, tiny_tokenizer)
+    users = model.user_model
     cfg = TrainConfig(data="x", out="y", lr=1e-3, user_lr=1e-2, user_code_lr=0.3, user_weight_decay=0.5)
     groups = build_optimizer(model, cfg).param_groups
     by_lr = {}
