@@ -11,6 +11,8 @@ from prlhf.config import ConfigError, TrainConfig
 from prlhf.data.loading import load_records
 from prlhf.data.schema import DataError
 from prlhf.data.tasks import build_length_task
+from prlhf.data.tokenize import encode_records
+from prlhf.evaluate.accuracy import implicit_reward_margins
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.model.run_dir import load_run
 from prlhf.train.loop import train
@@ -28,15 +30,23 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
-def test_eval_rows_every_n_steps_match_final_eval(data, tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_eval_rows_every_n_steps_match_final_eval(data, tmp_path, precision):
+    # bf16 training must not mean bf16 scoring: rounded log-probs flip the sign of small margins, so the curve
+    # would disagree with `prlhf eval` on the same model
     run = tmp_path / "run"
     train(TrainConfig(data=str(data / "train.jsonl"), out=str(run), eval_data=str(data / "test.jsonl"),
-                      eval_steps=2, **SMALL), show_progress=False)
+                      eval_steps=2, mixed_precision=precision, **SMALL), show_progress=False)
     rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6] and {r["split"] for r in rows} == {"test"}
-    final = evaluate_run(load_run(run), load_records(str(data / "test.jsonl")))
+    loaded, records = load_run(run), load_records(str(data / "test.jsonl"))
+    final = evaluate_run(loaded, records)
     for key in ("accuracy", "mean_user_accuracy", "worst_user_accuracy", "unseen_accuracy"):
         assert rows[-1][key] == pytest.approx(final[key])
+    # accuracies are too coarse to see bf16 rounding on a tiny model; the mean margin is not
+    pairs = encode_records(records, loaded.tokenizer, loaded.config.max_length, loaded.config.max_prompt_length)
+    margins = implicit_reward_margins(loaded.model, pairs, loaded.registry, loaded.tokenizer.pad_token_id)
+    assert rows[-1]["mean_margin"] == pytest.approx(margins.mean().item(), rel=1e-4, abs=1e-6)
 
 
 def test_bad_eval_file_fails_before_anything_is_written(data, tmp_path):

@@ -197,10 +197,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
             if eval_splits and ((config.eval_steps and step % config.eval_steps == 0) or step == total_steps):
                 if evaluator is not None:  # the main process evaluates; the others wait for it
-                    with accelerator.autocast():
-                        for row in evaluator(accelerator.unwrap_model(model), step):
-                            accelerator.log({f"eval/{row['split']}/{k}": v for k, v in row.items()
-                                             if k not in ("step", "split") and v is not None}, step=step)
+                    for row in evaluator(accelerator.unwrap_model(model), step):  # not under autocast
+                        accelerator.log({f"eval/{row['split']}/{k}": v for k, v in row.items()
+                                         if k not in ("step", "split") and v is not None}, step=step)
                 accelerator.wait_for_everyone()
             if step % save_every == 0 or step == total_steps:
                 save_checkpoint(trainable, run_dir, step, {"step": step, "epoch": epoch, "batches_in_epoch":

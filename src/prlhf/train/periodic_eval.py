@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +18,21 @@ from prlhf.train.reference import compute_reference_logps
 from prlhf.users.registry import UserRegistry
 
 SUMMARY_KEYS = ("accuracy", "mean_user_accuracy", "worst_user_accuracy", "unseen_accuracy")
+
+
+@contextmanager
+def weights_precision(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Score at the weights' own precision, as `prlhf eval` does after training. Under mixed precision,
+    Accelerate's prepare() sets an autocast wrapper as the instance's `forward`, and the wrapper re-enters
+    autocast whatever the caller's context. bf16 log-probs flip the sign of small margins (5 of 40 pairs of a
+    briefly trained SmolLM2 run). So the class's forward is used meanwhile, and the wrapper put back for
+    training."""
+    wrapper = model.__dict__.pop("forward", None)
+    try:
+        yield model
+    finally:
+        if wrapper is not None:
+            model.forward = wrapper
 
 
 def eval_files(config: TrainConfig) -> list[str]:
@@ -42,13 +59,15 @@ class PeriodicEval:
 
     def __call__(self, model: PersonalizedLM, step: int) -> list[dict]:
         rows = []
-        for name, pairs in self.pairs.items():
-            if name not in self.reference and not getattr(model, "is_reward_model", False):
-                self.reference[name] = compute_reference_logps(model, pairs, self.pad_id, show_progress=False)
-            margins = implicit_reward_margins(model, pairs, self.registry, self.pad_id,
-                                              reference=self.reference.get(name))
-            result = per_user_accuracy(self.records[name], margins, self.registry)
-            rows.append({"step": step, "split": name, **{k: result[k] for k in SUMMARY_KEYS}})
+        with weights_precision(model), torch.autocast(next(model.parameters()).device.type, enabled=False):
+            for name, pairs in self.pairs.items():
+                if name not in self.reference and not getattr(model, "is_reward_model", False):
+                    self.reference[name] = compute_reference_logps(model, pairs, self.pad_id, show_progress=False)
+                margins = implicit_reward_margins(model, pairs, self.registry, self.pad_id,
+                                                  reference=self.reference.get(name))  # (N,)
+                result = per_user_accuracy(self.records[name], margins, self.registry)
+                rows.append({"step": step, "split": name, **{k: result[k] for k in SUMMARY_KEYS},
+                             "mean_margin": margins.mean().item()})
         with self.log_path.open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         return rows
