@@ -59,7 +59,7 @@ def test_persona_bench_writes_both_splits(toy_persona, monkeypatch):
 
 @pytest.mark.slow
 def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
-    """--profile-ids trains on one id per profile but scores every real user; --batch-size and
+    """--profile-ids trains on one id per profile but scores every real user; --batch-size, --grad-accum and
     --train-pairs-per-user set the step count; --mixed-precision and --user-weight-decay are passed to training;
     --majority-share reaches the task builder."""
     data, out = toy_persona
@@ -72,13 +72,14 @@ def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
     real_accuracy = persona.per_user_accuracy
     monkeypatch.setattr(persona, "per_user_accuracy", recording_accuracy)
     code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
-                 "--methods", "p_dpo_individual,p_dpo_lowrank", "--profile-ids", "--batch-size", "8",
+                 "--methods", "p_dpo_individual,p_dpo_lowrank", "--profile-ids", "--batch-size", "4",
+                 "--grad-accum", "2",
                  "--train-pairs-per-user", "10", "--majority-share", "0.5",
                  "--mixed-precision", "bf16", "--user-weight-decay", "0.1", "--user-code-lr", "0.05",
                  "--keep-runs"])
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["profile_ids"] is True and doc["batch_size"] == 8
+    assert doc["profile_ids"] is True and doc["batch_size"] == 8 and doc["grad_accum"] == 2  # 8 pairs per step
     assert doc["data"]["train_pairs_per_user"] == 10 and doc["n_train_pairs"] == 60 and doc["steps"] == 8  # 60 / 8
     assert doc["data"]["majority_share"] == 0.5  # task.meta: the builder drew the profiles with it
     assert set(doc["methods"]) == {"p_dpo_individual", "p_dpo_lowrank"}
@@ -86,7 +87,9 @@ def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
     assert doc["mixed_precision"] == "bf16"
     run_config = (out / "work" / "runs" / "p_dpo_individual" / "config.yaml").read_text()
     assert "mixed_precision: bf16" in run_config and "user_weight_decay: 0.1" in run_config
-    assert "user_code_lr: 0.05" in run_config
+    assert "user_code_lr: 0.05" in run_config and "grad_accum: 2" in run_config and "batch_size: 4" in run_config
+    logged = [json.loads(line)["step"] for line in (out / "work" / "runs" / "p_dpo_individual" / "metrics.jsonl").open()]
+    assert logged[-1] == 8  # optimizer steps, not micro-batches
     assert doc["user_weight_decay"] == 0.1 and doc["user_code_lr"] == 0.05
     users = json.loads((out / "work" / "data" / "users.json").read_text())["users"]
     profiles = {f"profile-{info['profile_id']}" for info in users.values() if info["seen"]}
@@ -109,6 +112,27 @@ def test_length_bench_table(tmp_path):
         assert 0.0 <= r["majority_accuracy"] <= 1.0 and 0.0 <= r["minority_accuracy"] <= 1.0
     assert "| 0.7 |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "minority_vs_share.png").is_file()
+
+
+def test_pretrained_defaults_are_the_recipe_that_was_measured(monkeypatch, tmp_path):
+    """`bench persona --model smollm2-135m` with no training flags runs the settings of
+    benchmarks/results/persona_smollm2_h200_48pairs/; tiny keeps its own; a given flag wins."""
+    got = {}
+    monkeypatch.setattr(persona, "run_persona_bench", lambda out, **kwargs: got.update(kwargs))
+    assert main(["bench", "persona", "--model", "smollm2-135m", "--out", str(tmp_path)]) == 0
+    flags = ("threads", "lr", "user_lr", "user_code_lr", "user_tokens", "batch_size", "grad_accum")
+    options = persona.bench_train_options(got.pop("model"), {k: got[k] for k in flags}, "cuda")
+    assert options == {"threads": 2, "batch_size": 64, "user_tokens": 4, "lr": 1e-3, "user_lr": 3e-3,
+                       "user_code_lr": 3e-2}
+    size = persona.FULL_PRETRAINED
+    assert (size.n_seen, size.train_pairs_per_user, size.epochs) == (64, 48, 12)
+    tiny = persona.bench_train_options("tiny", {"batch_size": None, "user_lr": 0.02})
+    assert tiny == {"threads": 2, "batch_size": 16, "user_tokens": 10, "lr": 0.0, "user_lr": 0.02}
+    # on a GPU one 64-pair batch; on a CPU the same 64 pairs per step in 4 micro-batches, unless a size is given
+    assert persona.bench_train_options("smollm2-135m", {}, "cuda")["batch_size"] == 64
+    cpu = persona.bench_train_options("smollm2-135m", {}, "cpu")
+    assert (cpu["batch_size"], cpu["grad_accum"]) == (16, 4)
+    assert "grad_accum" not in persona.bench_train_options("smollm2-135m", {"batch_size": 32}, "cpu")
 
 
 def test_persona_bench_refuses_unknown_training_options(tmp_path):

@@ -31,9 +31,16 @@ from prlhf.train.loop import train
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 
 logger = logging.getLogger(__name__)
-BATCH_PAIRS = 16
-# TrainConfig values of every trained method unless the caller gives others
-BENCH_TRAIN_DEFAULTS = {"threads": 2, "batch_size": BATCH_PAIRS, "user_tokens": 10}
+# TrainConfig values of every trained method unless the caller gives others. For a pretrained model they are the
+# recipe that separated P-DPO from vanilla DPO on SmolLM2-135M (benchmarks/results/persona_smollm2_h200_48pairs/):
+# at the tiny model's 30x user-model rate SmolLM2's soft tokens did not fit even their training pairs, and the
+# cluster logits / low-rank vectors are O(1) numbers that need a higher rate than the soft tokens.
+TINY_TRAIN_DEFAULTS = {"threads": 2, "batch_size": 16, "user_tokens": 10, "lr": 0.0}
+PRETRAINED_TRAIN_DEFAULTS = {"threads": 2, "batch_size": 64, "user_tokens": 4, "lr": 1e-3, "user_lr": 3e-3,
+                             "user_code_lr": 3e-2}
+# On a CPU the default 64 pairs per step go in micro-batches of 16 (gradient accumulation): one 64-pair SmolLM2
+# batch ran out of 24 GB there, in fp32 and in bf16.
+CPU_MICRO_BATCH = 16
 SPLITS = {"pairs": "test", "statements": "test_statements"}
 
 
@@ -51,7 +58,7 @@ class PersonaSize:
 
 QUICK = PersonaSize(32, 8, 30, 40, 12, 4, 4, 4)
 FULL_TINY = PersonaSize(128, 32, 100, 60, 20, 4, 4, 6)
-FULL_PRETRAINED = PersonaSize(64, 16, 12, 16, 8, 1, 2, 4)
+FULL_PRETRAINED = PersonaSize(64, 16, 12, 48, 8, 12, 2, 4)  # 576 steps of 64 pairs per trained method
 
 
 OPT_IN_METHODS = ("p_dpo_lowrank",)  # beyond the paper's baselines: run only when named in `methods`
@@ -81,6 +88,18 @@ def per_dimension(records, dims: list[str], margins: torch.Tensor, seen: set[str
     return {d: correct[d] / total[d] for d in sorted(total)}
 
 
+def bench_train_options(model: str, train_options: dict, device: str = "cpu") -> dict:
+    """The TrainConfig options of every trained method: the caller's (None = not given) over the model's defaults."""
+    unknown = set(train_options) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown training option(s) {sorted(unknown)}")
+    given = {k: v for k, v in train_options.items() if v is not None}
+    defaults = dict(TINY_TRAIN_DEFAULTS if model == "tiny" else PRETRAINED_TRAIN_DEFAULTS)
+    if device == "cpu" and "batch_size" not in given and defaults["batch_size"] > CPU_MICRO_BATCH:
+        defaults.update(batch_size=CPU_MICRO_BATCH, grad_accum=defaults["batch_size"] // CPU_MICRO_BATCH)
+    return {**defaults, **given}
+
+
 def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None, quick: bool = False,
                       seed: int = 0, methods: list[str] | None = None, dimensions: list[str] | None = None,
                       epochs: float | None = None, data_dir: str | None = None, keep_runs: bool = False,
@@ -89,7 +108,7 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                       **train_options) -> dict:
     """Build the task, train each method, score both splits; `train_options` are `TrainConfig` fields given to
     every trained method (threads, batch_size, lr, user_lr, user_tokens, mixed_precision, ...), over the bench's
-    defaults (BENCH_TRAIN_DEFAULTS; the adapter rate is 1e-3 for pretrained models too).
+    defaults (TINY_TRAIN_DEFAULTS for `tiny`, else PRETRAINED_TRAIN_DEFAULTS).
 
     `majority_share` is each dimension's expected share of users at its first pole. A model that ignores the user
     (vanilla DPO) can score up to the mean realised majority share on split pairs by serving the majority: about
@@ -98,14 +117,9 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     `profile_ids` is a diagnostic: seen users who share a profile share one user id in training (each id then
     has all its profile's pairs), and each user is scored with its profile's embedding. It shows what implicit
     embeddings can learn when every id has many pairs; the figures stay per real user."""
-    unknown = set(train_options) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"unknown training option(s) {sorted(unknown)}")
-    options = {**BENCH_TRAIN_DEFAULTS, **{k: v for k, v in train_options.items() if v is not None}}
-    if not options.get("lr"):
-        options["lr"] = 0.0 if model == "tiny" else 1e-3
-    torch.set_num_threads(options["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = bench_train_options(model, train_options, device)
+    torch.set_num_threads(options["threads"])
     size = QUICK if quick else (FULL_TINY if model == "tiny" else FULL_PRETRAINED)
     if n_users:
         size = replace(size, n_seen=n_users, n_unseen=max(1, n_users // 4))
@@ -149,7 +163,7 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     unknown = [m for m in chosen if m not in all_methods]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(all_methods)}")
-    steps_per_epoch = math.ceil(len(task.train) / options["batch_size"])
+    steps_per_epoch = math.ceil(math.ceil(len(task.train) / options["batch_size"]) / options.get("grad_accum", 1))
     total_steps = math.ceil(size.epochs * steps_per_epoch)
     base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs, seed=seed,
                            eval_data=",".join(curve_files), eval_steps=math.ceil(total_steps / size.evals),
@@ -231,7 +245,8 @@ def run_settings(task, size: PersonaSize, cfg: TrainConfig, dims: list[str], pro
     return {"n_users": size.n_seen, "n_unseen_users": size.n_unseen, "model": cfg.model, "seed": cfg.seed,
             "dimensions": dims, "n_profiles": len(profiles), "n_train_pairs": len(task.train),
             "epochs": size.epochs, "steps": total_steps,
-            "batch_size": cfg.batch_size, "user_tokens": cfg.user_tokens, "threads": cfg.threads,
+            "batch_size": cfg.batch_size * cfg.grad_accum, "grad_accum": cfg.grad_accum,  # pairs per step
+            "user_tokens": cfg.user_tokens, "threads": cfg.threads,
             "mixed_precision": cfg.mixed_precision,
             "quick": quick, "profile_ids": profile_ids, "lr": cfg.resolved_lr(), "user_lr": cfg.resolved_user_lr(),
             "user_code_lr": cfg.resolved_user_code_lr(),

@@ -125,8 +125,8 @@ def cmd_demo(args) -> int:
 
 
 # `bench persona` flags that are TrainConfig fields, passed through to every trained method
-PERSONA_TRAIN_FLAGS = ("threads", "lr", "user_lr", "user_code_lr", "user_tokens", "batch_size", "mixed_precision",
-                       "user_weight_decay", "gradient_checkpointing")
+PERSONA_TRAIN_FLAGS = ("threads", "lr", "user_lr", "user_code_lr", "user_tokens", "batch_size", "grad_accum",
+                       "mixed_precision", "user_weight_decay", "gradient_checkpointing")
 
 
 def cmd_bench_persona(args) -> int:
@@ -275,23 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
                                       "p_dpo_individual, p_dpo_cluster, p_dpo_cluster_small, p_dpo_individual_text "
                                       "(default: all of these), p_dpo_lowrank")
     pe.add_argument("--dimensions", help="comma-separated (default politics,risk,time)")
-    pe.add_argument("--epochs", type=float, help="override the size preset's epochs")
-    pe.add_argument("--lr", type=float, default=0.0, help="adapter learning rate (0 = 1e-3; the user model gets 30x)")
-    pe.add_argument("--user-lr", type=float, default=0.0, help="user-model learning rate (0 = 30x the adapter rate)")
-    pe.add_argument("--user-code-lr", type=float, default=0.0,
-                    help="cluster mixing logits / low-rank user vectors' learning rate (0 = the user-model rate)")
+    pe.add_argument("--epochs", type=float,
+                    help="override the size preset's epochs (4 tiny; 12 pretrained: 576 steps per trained method, "
+                         "about 4 min each on one H100/H200 GPU, about 2.5 h on a 2-core CPU in bf16)")
+    pe.add_argument("--lr", type=float, help="adapter learning rate (default 1e-3)")
+    pe.add_argument("--user-lr", type=float,
+                    help="user-model learning rate (default: 3e-3 with a pretrained model, 30x the adapter rate "
+                         "with tiny)")
+    pe.add_argument("--user-code-lr", type=float,
+                    help="cluster mixing logits / low-rank user vectors' learning rate (default: 3e-2 with a "
+                         "pretrained model, the user-model rate with tiny)")
     pe.add_argument("--persona-dir", help="folder of <trait>.jsonl files (default ../shared/data/anthropic-persona)")
-    pe.add_argument("--user-tokens", type=int, default=10, help="T_u, soft tokens per user (default 10)")
+    pe.add_argument("--user-tokens", type=int, help="T_u, soft tokens per user (default 4 with a pretrained model, "
+                                                     "10 with tiny)")
     pe.add_argument("--statements-per-pole", type=int, help="statements drawn per trait file (fewer = each is rated by "
                                                             "more users; default 30 quick, 100 tiny, 12 pretrained)")
     pe.add_argument("--train-pairs-per-user", type=int,
-                    help="training pairs of each seen user (default 40 quick, 60 tiny, 16 pretrained)")
+                    help="training pairs of each seen user (default 40 quick, 60 tiny, 48 pretrained)")
     pe.add_argument("--majority-share", type=float, default=0.7,
                     help="expected share of users at each dimension's first pole (default 0.7: a model that ignores "
                          "the user can score up to about 0.7 on split pairs; 0.5 makes that about 0.5)")
     pe.add_argument("--curve-points", type=int,
                     help="learning-curve evaluations per trained method (default 4; 6 at the full tiny size)")
-    pe.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (default 16)")
+    pe.add_argument("--batch-size", type=int,
+                    help="pairs per forward pass (default 64 with a pretrained model, 16 with tiny; on a CPU a "
+                         "pretrained model's 64 go in 4 micro-batches of 16: 64 at once ran out of 24 GB)")
+    pe.add_argument("--grad-accum", type=int,
+                    help="micro-batches per optimizer step (default 1; 4 on a CPU for a pretrained model's default)")
     pe.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                     help="training autocast (auto = bf16 on a GPU that supports it, else fp32; bf16 also runs on "
                          "CPUs: 2x faster than fp32 on one with AVX512-BF16)")
