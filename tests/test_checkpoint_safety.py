@@ -83,3 +83,27 @@ def test_resume_never_unpickles_code(task_dir, tmp_path, monkeypatch):
     assert train(dataclasses.replace(cfg, resume=True), show_progress=False)["steps"] == 6
     assert flags.count(True) >= 3  # optimizer, scheduler, RNG state
     assert False not in flags and "default" not in flags, flags
+
+
+def test_a_nan_loss_stops_the_run_before_anything_takes_the_nan_weights(task_dir, tmp_path, monkeypatch, capsys):
+    import prlhf.train.loop as loop
+
+    calls = {"n": 0}
+    real_loss = loop.p_dpo_loss
+
+    def nan_from_step_3(*args, **kwargs):  # batch_size 4, no accumulation: call n is step n
+        calls["n"] += 1
+        out, generic = real_loss(*args, **kwargs)
+        if calls["n"] >= 3:
+            out = out._replace(losses=out.losses * float("nan"))
+        return out, generic
+
+    monkeypatch.setattr(loop, "p_dpo_loss", nan_from_step_3)
+    cfg = config(task_dir, tmp_path / "run")
+    assert main(["train", *cli_flags(cfg)]) == 2
+    message, = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prlhf: error:")]
+    assert "NaN or infinite at step 3" in message and "last checkpoint: step-2" in message
+    assert [step for step, _ in list_checkpoints(Path(cfg.out))] == [2]
+    assert not (Path(cfg.out) / "run.json").exists()  # no finished run was written from NaN weights
+    saved = load_file(str(Path(cfg.out) / "checkpoints" / "step-2" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())

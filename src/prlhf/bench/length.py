@@ -5,13 +5,13 @@ while P-DPO's holds. Tiny model, pure P-DPO objective (no NLL term)."""
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from prlhf.bench.machine import machine_summary
 from prlhf.config import TINY_LR, TrainConfig
 from prlhf.data.tasks import build_length_task
 from prlhf.data.tasks.common import _atomic_write
@@ -62,7 +62,7 @@ def run_length_bench(out: Path, shares: tuple[float, ...] = (0.5, 0.7, 0.9), qui
                   flush=True)
     doc = {"task": "length (tiny model)", "shares": results, "n_seen_users": n_users, "seed": seed,
            "train_pairs_per_user": pairs_per_user, "epochs": epochs, "quick": quick, "threads": threads,
-           "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}"}
+           "machine": machine_summary()}
     _atomic_write(out / "results.json", json.dumps(doc, indent=1) + "\n")
     _atomic_write(out / "report.md", render(doc))
     plot(doc, out / "minority_vs_share.png")

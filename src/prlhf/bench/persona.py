@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import random
 import shutil
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from prlhf.bench.machine import machine_summary
 from prlhf.config import TrainConfig
 from prlhf.data.tasks.common import _atomic_write, write_jsonl
 from prlhf.data.tasks.persona import ATTRIBUTION, build_persona_task
@@ -251,7 +251,7 @@ def run_settings(task, size: PersonaSize, cfg: TrainConfig, dims: list[str], pro
             "quick": quick, "profile_ids": profile_ids, "lr": cfg.resolved_lr(), "user_lr": cfg.resolved_user_lr(),
             "user_code_lr": cfg.resolved_user_code_lr(),
             "user_weight_decay": cfg.user_weight_decay, "gradient_checkpointing": cfg.gradient_checkpointing,
-            "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
+            "machine": machine_summary(),
             "data": {k: task.meta[k] for k in ("source", "n_train_statements", "n_test_statements",
                                                "train_pairs_per_user", "test_pairs_per_user", "majority_share")},
             "attribution": ATTRIBUTION}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from prlhf.bench.machine import machine_summary
 
 WARMUP_STEPS = 3
 METHODS = ("trl_dpo", "prlhf_dpo", "prlhf_pdpo_a1", "prlhf_pdpo_a05")
@@ -222,8 +223,7 @@ def run_speed_bench(out: Path, quick: bool = False, threads: int = 2) -> dict:
         "gen_tokens_per_s": generation_speed(setup, setup["gen_tokens"]),
         "setup": {k: setup[k] for k in ("n_pairs", "batch_size", "steps", "repeats")} | {
             "model": "tiny (2-layer Llama, hidden 64)", "threads": threads, "quick": quick,
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, "
-                       f"torch {torch.__version__}"},
+            "machine": machine_summary()},
     }
     result["ratios"] = ratios(result)
     (out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")

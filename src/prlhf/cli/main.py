@@ -333,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     from prlhf.data.schema import DataError
     from prlhf.model.presets import PresetError
     from prlhf.model.run_dir import RunError
+    from prlhf.train.loop import TrainingDiverged
 
     try:
         return args.func(args)
-    except (DataError, ConfigError, RunError, PresetError) as exc:
+    except (DataError, ConfigError, RunError, PresetError, TrainingDiverged) as exc:
         print(f"prlhf: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

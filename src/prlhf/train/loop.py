@@ -26,7 +26,7 @@ from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.reward import PersonalizedRewardModel
 from prlhf.model.run_dir import save_run
 from prlhf.train.batching import EpochBatchSampler, PairCollator, pair_length
-from prlhf.train.checkpoint import Trainable, load_latest_checkpoint, save_checkpoint
+from prlhf.train.checkpoint import Trainable, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from prlhf.train.distributed import allow_precision_change, cpu_processes
 from prlhf.train.metrics import TrainMetrics, tracker_names, truncate_log
 from prlhf.train.optim import clip_grad_norm_
@@ -37,6 +37,10 @@ from prlhf.users.models import build_user_model
 from prlhf.users.registry import UserRegistry
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; the message is one line and names what was kept."""
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -182,6 +186,14 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             metrics.update(accelerator, out, user_c, user_r, generic, batch.user_idx)  # every process's rows
+            if not metrics.finite:  # stop before a checkpoint or the run's files take the NaN weights
+                bar.close()  # the one-line error then starts a line of its own
+                kept = list_checkpoints(run_dir)
+                raise TrainingDiverged(
+                    f"{run_dir}: the loss became NaN or infinite at step {step + 1} (learning rate "
+                    f"{scheduler.get_last_lr()[0]:.3g}, mixed precision {config.mixed_precision}); nothing of this "
+                    f"step was saved{f' (last checkpoint: {kept[-1][1].name})' if kept else ''}. "
+                    "Lower --lr / --user-lr, or train in fp32 (--mixed-precision no)")
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()

@@ -78,11 +78,13 @@ class TrainMetrics:
 
     def __init__(self, with_logps: bool = True):
         self.window, self.per_user, self.with_logps = [], PerUserAccuracy(), with_logps
+        self.finite = True  # the last micro-batch's losses, gathered: the same answer on every process
 
     def update(self, accelerator, out: PreferenceLossOutput, chosen_logps: torch.Tensor,
                rejected_logps: torch.Tensor, generic: PreferenceLossOutput | None, user_idx: torch.Tensor) -> None:
         out, generic, chosen_logps, rejected_logps, user_idx = gather_outputs(
             accelerator, out, generic, chosen_logps, rejected_logps, user_idx)
+        self.finite = bool(torch.isfinite(out.losses).all())
         logps = (chosen_logps, rejected_logps) if self.with_logps else (None, None)
         self.window.append(batch_metrics(out, *logps, generic))
         self.per_user.update(user_idx.cpu(), (out.chosen_rewards - out.rejected_rewards).cpu())
