@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -48,11 +50,37 @@ def test_smollm2_converts_once_and_loads_as_a_plain_model(monkeypatch, tmp_path)
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert list(folder.glob("*.safetensors")) and not list(tmp_path.glob("models/.*tmp*"))
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == model.config.eos_token_id == 2
     ids = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])  # real pretrained weights
+    assert json.loads((folder / presets.MARKER).read_text())["format"] == presets.CONVERSION_FORMAT
     mtime = (folder / "config.json").stat().st_mtime
     again, _ = load_base("smollm2-135m")  # second use: the converted folder, no new conversion
     assert (folder / "config.json").stat().st_mtime == mtime
     assert type(again.config).__name__ == "LlamaConfig" and getattr(again, "hf_quantizer", None) is None
+
+
+def test_the_tokenizer_ends_responses_with_the_models_eos(tiny_tokenizer):
+    """transformers 5.17 converted SmolLM2's GGUF tokenizer with EOS <|im_start|>; the model config's EOS wins."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    right = tokenizer.eos_token_id
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(tokenizer.bos_token_id)  # what the old reader did
+    presets.align_eos(tokenizer, SimpleNamespace(eos_token_id=right))
+    assert tokenizer.eos_token_id == right
+    presets.align_eos(tokenizer, SimpleNamespace(eos_token_id=[right, 7]))  # a list: left alone
+    assert tokenizer.eos_token_id == right
+
+
+def test_a_folder_from_an_older_conversion_is_converted_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRLHF_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "models" / "smollm2-135m"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # converted before the marker existed (maybe with the wrong EOS)
+    converted = []
+    monkeypatch.setattr(presets, "convert_gguf", lambda preset, out: converted.append(out))
+    assert resolve_model("smollm2-135m") == str(folder) and converted == [folder]
+    (folder / presets.MARKER).write_text(json.dumps({"format": presets.CONVERSION_FORMAT}))
+    resolve_model("smollm2-135m")
+    assert converted == [folder]  # current: used as it is
