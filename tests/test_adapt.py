@@ -166,6 +166,7 @@ def test_save_adapted_run_is_a_full_copy(run_dir, task, tmp_path):
     assert not list(tmp_path.glob(".adapted.*"))  # the temporary build folder was renamed away
     assert (out / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
     assert json.loads((out / "adapt.json").read_text())["adapted_from"] == str(run_dir)
+    assert json.loads((out / "run.json").read_text())["n_users"] == len(new_run.registry)
     reloaded = load_run(out)
     assert reloaded.registry.user_ids == new_run.registry.user_ids
     probe = unseen(task)[:4]

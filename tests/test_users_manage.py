@@ -137,10 +137,12 @@ def test_export_delete_import_round_trip_is_bitwise(runs, probe, tmp_path, capsy
     assert meta["base"]["embedding_sha256"] and meta["user_model"]["kind"] == "individual"
     delete_user(run_dir, "user_02")
     delete_user(run_dir, "user_03")
+    assert json.loads((run_dir / "run.json").read_text())["n_users"] == 1  # the summary follows the registry
     capsys.readouterr()
     assert main(["users", "import", "--run", str(run_dir), "--from", str(prefix)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == {"added": ["user_02", "user_03"], "replaced": [], "rebased": False}
+    assert json.loads((run_dir / "run.json").read_text())["n_users"] == 3
     after = logps(run_dir, probe, USERS)
     assert all(torch.equal(before[u], after[u]) for u in USERS)
     # importing ids that exist is refused, unless --overwrite (which keeps the index)

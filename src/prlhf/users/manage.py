@@ -87,7 +87,8 @@ def table_from_module(user_model: UserModel, registry: UserRegistry) -> UserTabl
 
 
 def write_user_table(run_dir: str | os.PathLike, table: UserTable) -> None:
-    """Write the three user files of a run: every file to a temporary name first, then os.replace each."""
+    """Write the three user files of a run: every file to a temporary name first, then os.replace each; then
+    run.json's user count."""
     run_dir = Path(run_dir)
     staged = []
     for name, write in (("user_model.safetensors", lambda p: save_file(table.state, str(p))),
@@ -98,6 +99,11 @@ def write_user_table(run_dir: str | os.PathLike, table: UserTable) -> None:
         staged.append((tmp, run_dir / name))
     for tmp, target in staged:
         os.replace(tmp, target)
+    summary_path = run_dir / "run.json"  # its n_users counts the registry's users: keep it current
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("n_users") != len(table.registry):
+            write_json_atomic(summary_path, {**summary, "n_users": len(table.registry)})
 
 
 def registry_without(registry: UserRegistry, user_id: str) -> UserRegistry:
