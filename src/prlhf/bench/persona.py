@@ -141,11 +141,9 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     work = out / "work"
     data = work / "data"
     shutil.rmtree(work, ignore_errors=True)
-    task.write(data)
-    test_sets = {"pairs": task.test, "statements": task.extra["test_statements"]}
     as_trained = to_profile_ids(task) if profile_ids else (lambda records: records)
-    if profile_ids:
-        write_jsonl(data / "train.jsonl", as_trained(task.train))
+    replace(task, train=as_trained(task.train)).write(data)
+    test_sets = {"pairs": task.test, "statements": task.extra["test_statements"]}
     rng = random.Random(seed)
     curve_files = []
     for split, records in test_sets.items():  # a few pairs per user: learning curves at a bearable cost
