@@ -27,7 +27,8 @@ import torch
 from prlhf.data.tasks import build_style_task
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.model.run_dir import load_run
-from prlhf.users.adapt import DEFAULT_LR, DEFAULT_STEPS, adapt_users
+from prlhf.users.adapt import DEFAULT_STEPS, adapt_users, default_adapt_lr
+from prlhf.users.defaults import ADAPT_LR_FACTOR
 
 KS = (0, 1, 2, 5, 10, 20)
 WARM_KS = (0, 1, 2, 5)
@@ -150,7 +151,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="draws of the k pairs per k > 0")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="adaptation rate (default: the library's, ADAPT_LR_FACTOR x the run's user-model rate)")
     parser.add_argument("--sweep", action="store_true", help="also sweep lr x steps at k = 10")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task (users, pairs, splits)")
@@ -168,12 +170,15 @@ def main() -> None:
     seen_mean = seen_eval["mean_user_accuracy"]
     print(f"seen users: mean accuracy {seen_mean:.3f} (train {train_s:.0f} s)", flush=True)
     pools, evals = split_pools(task)
+    trained_lr = run.config.resolved_user_lr()  # the rate the run trained its users' offsets with
+    lr = args.lr or default_adapt_lr(run.config, "individual")
     results = {"seen_mean_accuracy": seen_mean, "seen_worst_accuracy": seen_eval["worst_user_accuracy"],
                "train_seconds": None if math.isnan(train_s) else round(train_s, 1)}
     if args.sweep:
-        results["sweep_k10"] = sweep(run, pools, evals, 10, (0.05, 0.1, 0.3), (20, 40))
-    results["k_curve"] = curve(run, pools, evals, KS, args.repeats, args.steps, args.lr)
-    results["single_user_wall_seconds"] = single_user_timing(run, pools, evals, args.steps, args.lr)
+        factors = sorted({0.3, 1.0, 3.0, 10.0, ADAPT_LR_FACTOR})  # multiples of the trained rate, like the default
+        results["sweep_k10"] = sweep(run, pools, evals, 10, [round(f * trained_lr, 6) for f in factors], (20, 40))
+    results["k_curve"] = curve(run, pools, evals, KS, args.repeats, args.steps, lr)
+    results["single_user_wall_seconds"] = single_user_timing(run, pools, evals, args.steps, lr)
 
     if not args.no_warm_start:
         text_dir, text_task, text_train_s = train_run(work, "text", True, args.threads, args.reuse)
@@ -182,7 +187,7 @@ def main() -> None:
         print(f"user_text run: seen mean accuracy {text_seen['mean_user_accuracy']:.3f}", flush=True)
         t_pools, t_evals = split_pools(text_task)
         results["text_run_seen_mean_accuracy"] = text_seen["mean_user_accuracy"]
-        results["warm_start"] = {ws: curve(text_run, t_pools, t_evals, WARM_KS, args.repeats, args.steps, args.lr,
+        results["warm_start"] = {ws: curve(text_run, t_pools, t_evals, WARM_KS, args.repeats, args.steps, lr,
                                            warm_start=ws, known=text_task.train) for ws in ("none", "text")}
 
     k10 = results["k_curve"][10]["mean"]
@@ -190,9 +195,10 @@ def main() -> None:
     results["targets"] = {"k10_over_seen": k10 / seen_mean, "k10_target_met": k10 >= 0.9 * seen_mean,
                           "max_seconds_per_user": slowest, "seconds_target_met": slowest <= 30}
     command = (f"python benchmarks/new_users.py --out {args.out}" + (" --sweep" if args.sweep else "")
-               + (f" --seed {args.seed}" if args.seed else "") + (" --no-warm-start" if args.no_warm_start else ""))
+               + (f" --seed {args.seed}" if args.seed else "") + (" --no-warm-start" if args.no_warm_start else "")
+               + (f" --lr {args.lr}" if args.lr else ""))
     report = {"task": {**TASK, "n_eval_per_unseen_user": N_EVAL, "adapt_pool_per_unseen_user": 45 - N_EVAL},
-              "command": command, "steps": args.steps, "lr": args.lr, "repeats": args.repeats,
+              "command": command, "steps": args.steps, "lr": lr, "trained_user_lr": trained_lr, "repeats": args.repeats,
               "machine": f"{platform.machine()}, Python {platform.python_version()}, {args.threads} threads",
               **results}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -202,8 +208,8 @@ def main() -> None:
         f"# New users: accuracy vs number of comparisons\n\nCommand: `{command}`\n\n"
         f"Style task, {TASK['n_seen_users']} seen users (P-DPO individual, `prlhf train --model tiny`, default "
         f"settings), {TASK['n_unseen_users']} unseen users with a fixed held-out set of {N_EVAL} pairs each; "
-        f"adaptation on k of their other {45 - N_EVAL} pairs ({args.steps} AdamW steps, lr {args.lr}, only the "
-        f"new rows train), mean over unseen users, +- std over {args.repeats} draws of the k pairs. "
+        f"adaptation on k of their other {45 - N_EVAL} pairs ({args.steps} AdamW steps, lr {lr:.3g} = {lr / trained_lr:.3g}x the "
+        f"rate the run trained its users' offsets with, only the new rows train), mean over unseen users, +- std over {args.repeats} draws of the k pairs. "
         f"Machine: {report['machine']}.\n\n" + table)
     print(table)
 

@@ -16,8 +16,9 @@ from prlhf.data.tasks import build_length_task
 from prlhf.data.tokenize import collate_pairs, encode_records
 from prlhf.model.run_dir import RunError, load_run
 from prlhf.train.loop import train
-from prlhf.users.adapt import (adapt_users, initial_rows, jaccard, mean_row, save_adapted_run, split_holdout,
-                               text_neighbours)
+from prlhf.users.adapt import (adapt_users, default_adapt_lr, initial_rows, jaccard, mean_row, save_adapted_run,
+                               split_holdout, text_neighbours)
+from prlhf.users.defaults import ADAPT_LR_FACTOR
 from prlhf.users.manage import read_user_table
 
 TINY = dict(sft_steps=5, epochs=1, max_steps=6, batch_size=4, user_tokens=2, threads=1, seed=0, lora_dropout=0.0)
@@ -177,12 +178,25 @@ def test_save_adapted_run_is_a_full_copy(run_dir, task, tmp_path):
         save_adapted_run(run_dir, new_run, out, report)
 
 
+def test_default_rate_follows_the_rate_the_users_rows_were_trained_with():
+    """A fixed rate overshot SmolLM2's soft tokens (trained at 3e-3); the default scales with the run's own."""
+    cfg = TrainConfig(data="d.jsonl", out="o", model="some/model", lr=1e-3, user_lr=3e-3, user_code_lr=3e-2)
+    assert default_adapt_lr(cfg, "individual") == pytest.approx(ADAPT_LR_FACTOR * 3e-3)
+    code_lr = pytest.approx(ADAPT_LR_FACTOR * 3e-2)
+    assert default_adapt_lr(cfg, "cluster") == code_lr and default_adapt_lr(cfg, "lowrank") == code_lr
+    tiny = TrainConfig(data="d.jsonl", out="o", model="tiny")  # user_lr 0 = 30x lr; user_code_lr 0 = user_lr
+    assert default_adapt_lr(tiny, "cluster") == pytest.approx(ADAPT_LR_FACTOR * 30 * tiny.resolved_lr())
+
+
 def test_cli_adapt(run_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "new"
     code = main(["adapt", "--run", str(run_dir), "--data", str(data_dir / "test.jsonl"), "--out", str(out),
                  "--steps", "3", "--holdout", "0.5", "--quiet", "--threads", "1"])
     text = capsys.readouterr().out
     assert code == 0 and "unseen_01" in text and "before (generic)" in text
+    expected = default_adapt_lr(load_run(run_dir).config, "individual")
+    assert f"(3 steps at lr {expected:.3g})" in text
+    assert json.loads((out / "adapt.json").read_text())["lr"] == pytest.approx(expected)
     assert load_run(out).registry.user_ids[-2:] == ["unseen_01", "unseen_02"]
     code = main(["adapt", "--run", str(run_dir), "--data", str(data_dir / "test.jsonl"), "--out", str(out),
                  "--quiet"])

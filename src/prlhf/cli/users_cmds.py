@@ -28,7 +28,8 @@ def cmd_adapt(args) -> int:
                                   show_progress=not args.quiet)
     save_adapted_run(args.run, new_run, out, report)
     print(format_adapt_report(report), end="")
-    print(f"adapted {len(report['users'])} user(s) in {report['fit_seconds']:.1f} s -> {out}")
+    print(f"adapted {len(report['users'])} user(s) in {report['fit_seconds']:.1f} s ({report['steps']} steps at lr "
+          f"{report['lr']:.3g}) -> {out}")
     return 0
 
 
@@ -87,9 +88,13 @@ def _set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _times(factor: float) -> str:
+    return "" if factor == 1 else f"{factor:g}x "
+
+
 def register(subparsers) -> None:
     """Add `adapt` and `users` to the `prlhf` subcommands (the action returned by add_subparsers)."""
-    from prlhf.users.defaults import DEFAULT_LR, DEFAULT_STEPS, WARM_STARTS
+    from prlhf.users.defaults import ADAPT_LR_FACTOR, DEFAULT_STEPS, WARM_STARTS
 
     a = subparsers.add_parser(
         "adapt", help="fit embeddings for new users on a finished run (LM, adapters, other users frozen)",
@@ -100,7 +105,10 @@ def register(subparsers) -> None:
     a.add_argument("--out", required=True, help="new run directory to write (must not exist or be empty)")
     a.add_argument("--user", help="adapt only this user id")
     a.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    a.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"AdamW rate of the new rows (default {DEFAULT_LR})")
+    a.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW rate of the new rows (default: {_times(ADAPT_LR_FACTOR)}the rate the run trained its "
+                        "users' rows with, i.e. its user_lr for an individual model, its user_code_lr for cluster "
+                        "and lowrank; the last line printed shows the rate used)")
     a.add_argument("--holdout", type=float, default=0.0,
                    help="share of each new user's pairs kept out of fitting, for before/after accuracy (default 0)")
     a.add_argument("--seed", type=int, default=0, help="seed of the holdout split")

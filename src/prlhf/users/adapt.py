@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prlhf.config import ConfigError
+from prlhf.config import ConfigError, TrainConfig
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tokenize import EncodedPair, collate_pairs, encode_records
 from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
@@ -37,7 +37,7 @@ from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.run_dir import LoadedRun, RunError, write_json_atomic
 from prlhf.train.reference import compute_reference_logps
 from prlhf.users.manage import UserTable, extend_rows, require_personalized, table_from_module, write_user_table
-from prlhf.users.defaults import DEFAULT_LR, DEFAULT_STEPS, WARM_STARTS
+from prlhf.users.defaults import ADAPT_LR_FACTOR, DEFAULT_STEPS, WARM_STARTS
 from prlhf.users.registry import UserRegistry
 
 logger = logging.getLogger(__name__)
@@ -197,8 +197,15 @@ def _accuracy_by_user(model: PersonalizedLM, records: Sequence[PreferenceRecord]
     return {u: v["accuracy"] for u, v in per_user_accuracy(records, margins, registry)["per_user"].items()}
 
 
+def default_adapt_lr(config: TrainConfig, kind: str) -> float:
+    """ADAPT_LR_FACTOR x the rate the run trained its users' own rows with: the individual model's offsets at
+    user_lr, the cluster model's mixing logits and the low-rank model's vectors at user_code_lr."""
+    trained = config.resolved_user_lr() if kind == "individual" else config.resolved_user_code_lr()
+    return ADAPT_LR_FACTOR * trained
+
+
 def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: int = DEFAULT_STEPS,
-                lr: float = DEFAULT_LR, holdout: float = 0.0, seed: int = 0, user: str | None = None,
+                lr: float | None = None, holdout: float = 0.0, seed: int = 0, user: str | None = None,
                 warm_start: str = "none", known_records: Sequence[PreferenceRecord] | None = None,
                 eval_records: Sequence[PreferenceRecord] | None = None, batch_pairs: int = 64,
                 show_progress: bool = True) -> tuple[LoadedRun, dict]:
@@ -208,10 +215,11 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
     embedding) / after (adapted) accuracy; `eval_records` gives that evaluation set explicitly instead.
     `warm_start="text"` starts each new user from the mean embedding of known users with the same (or else the
     most similar) user_text; known users' texts come from `known_records` (their training data).
+    `lr` defaults to `default_adapt_lr` of the run.
     Returns a new LoadedRun (sharing `run`'s LM; user model and registry extended, known rows bitwise equal,
     nothing written to disk) and a report dict.
     """
-    if steps < 1 or lr <= 0:
+    if steps < 1 or (lr is not None and lr <= 0):
         raise ConfigError("adapt: need steps >= 1 and lr > 0")
     if not 0.0 <= holdout < 1.0:
         raise ConfigError(f"adapt: holdout must be in [0, 1), got {holdout}")
@@ -224,6 +232,7 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
         require_personalized(kind, "adapt")
     except RunError as exc:
         raise RunError(f"{exc}; train an individual, cluster or lowrank run to adapt new users") from None
+    lr = lr or default_adapt_lr(run.config, kind)
     if warm_start == "text" and known_records is None:
         raise ConfigError("adapt: --warm-start text needs the known users' profile texts (--known-data TRAIN_FILE)")
     new_ids = sorted({r.user_id for r in records if r.user_id not in run.registry})
