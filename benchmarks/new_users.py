@@ -198,7 +198,8 @@ def main() -> None:
                + (f" --seed {args.seed}" if args.seed else "") + (" --no-warm-start" if args.no_warm_start else "")
                + (f" --lr {args.lr}" if args.lr else ""))
     report = {"task": {**TASK, "n_eval_per_unseen_user": N_EVAL, "adapt_pool_per_unseen_user": 45 - N_EVAL},
-              "command": command, "steps": args.steps, "lr": lr, "trained_user_lr": trained_lr, "repeats": args.repeats,
+              "command": command, "steps": args.steps, "lr": lr, "trained_user_lr": trained_lr,
+              "repeats": args.repeats,
               "machine": f"{platform.machine()}, Python {platform.python_version()}, {args.threads} threads",
               **results}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -208,8 +209,9 @@ def main() -> None:
         f"# New users: accuracy vs number of comparisons\n\nCommand: `{command}`\n\n"
         f"Style task, {TASK['n_seen_users']} seen users (P-DPO individual, `prlhf train --model tiny`, default "
         f"settings), {TASK['n_unseen_users']} unseen users with a fixed held-out set of {N_EVAL} pairs each; "
-        f"adaptation on k of their other {45 - N_EVAL} pairs ({args.steps} AdamW steps, lr {lr:.3g} = {lr / trained_lr:.3g}x the "
-        f"rate the run trained its users' offsets with, only the new rows train), mean over unseen users, +- std over {args.repeats} draws of the k pairs. "
+        f"adaptation on k of their other {45 - N_EVAL} pairs ({args.steps} AdamW steps, lr {lr:.3g} = "
+        f"{lr / trained_lr:.3g}x the rate the run trained its users' offsets with, only the new rows train), mean "
+        f"over unseen users, +- std over {args.repeats} draws of the k pairs. "
         f"Machine: {report['machine']}.\n\n" + table)
     print(table)
 

@@ -179,7 +179,8 @@ def test_save_adapted_run_is_a_full_copy(run_dir, task, tmp_path):
 
 
 def test_default_rate_follows_the_rate_the_users_rows_were_trained_with():
-    """A fixed rate overshot SmolLM2's soft tokens (trained at 3e-3); the default scales with the run's own."""
+    """A fixed rate does not carry across models (0.1 pushed SmolLM2's new soft tokens, trained at 3e-3, to 5x a
+    trained user's norm); the default scales with the run's own."""
     cfg = TrainConfig(data="d.jsonl", out="o", model="some/model", lr=1e-3, user_lr=3e-3, user_code_lr=3e-2)
     assert default_adapt_lr(cfg, "individual") == pytest.approx(ADAPT_LR_FACTOR * 3e-3)
     code_lr = pytest.approx(ADAPT_LR_FACTOR * 3e-2)
