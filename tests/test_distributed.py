@@ -118,3 +118,40 @@ def test_accelerate_loads_every_config(path):
     section = {"FSDP": "fsdp_config", "DEEPSPEED": "deepspeed_config"}.get(raw["distributed_type"])
     if section:
         assert raw[section] and set(raw[section]) <= flags, set(raw[section]) - flags
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="FSDP starts on a GPU machine")
+def test_fsdp_without_an_accelerator_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """`accelerate launch --config_file configs/fsdp.yaml` sets these; on CPUs Accelerate stops at start-up."""
+    from prlhf.cli.main import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"user_id": "u1", "prompt": "Q?", "chosen": " yes", "rejected": " no"}) + "\n")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "true")
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "tiny", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("prlhf: error: FSDP could not start") and err.count("\n") == 1, err
+    assert "configs/ddp_cpu.yaml" in err and not (tmp_path / "run").exists()
+
+
+def test_fsdp_is_not_silently_replaced_by_cpu_data_parallelism(monkeypatch):
+    """Without sync_module_states, Accelerate(cpu=True) under an FSDP launch sets up MULTI_CPU (measured with
+    accelerate 1.15 and 2 processes): plain replication, which must not pass for sharding."""
+    import accelerate
+    from accelerate import DistributedType
+
+    from prlhf.config import ConfigError
+    from prlhf.train import distributed
+
+    class Replicated:
+        def __init__(self, **kwargs):
+            self.distributed_type = DistributedType.MULTI_CPU
+
+    monkeypatch.setattr(accelerate, "Accelerator", Replicated)
+    monkeypatch.setattr(distributed, "launched_processes", lambda: 2)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP was asked for but Accelerate set up MULTI_CPU"):
+        distributed.start_accelerator(cpu=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # a DDP launch on CPUs is what cpu=True is for
+    assert isinstance(distributed.start_accelerator(cpu=True), Replicated)

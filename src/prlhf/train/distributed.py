@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from prlhf.config import ConfigError
+
 
 def cpu_processes() -> bool:
     """True for a multi-process launch on a machine without CUDA.
@@ -32,3 +34,22 @@ def allow_precision_change(mixed_precision: str) -> None:
         return
     if AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state()  # accelerate's own tests reset it this way; there is no public call
+
+
+def start_accelerator(**kwargs):
+    """Accelerator(**kwargs), refusing in one line what Accelerate would do with FSDP on a machine without GPUs (or
+    another accelerator): stop with a RuntimeError (sync_module_states, as in configs/fsdp.yaml), or, without it,
+    set up plain CPU data parallelism (cpu=True) under an FSDP config, which would silently not shard anything."""
+    from accelerate import Accelerator, DistributedType
+
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    hint = "Accelerate runs FSDP on GPUs or other accelerators only; on CPUs train data-parallel (configs/ddp_cpu.yaml)"
+    try:
+        accelerator = Accelerator(**kwargs)
+    except RuntimeError as exc:
+        if not fsdp:
+            raise
+        raise ConfigError(f"FSDP could not start ({exc}): {hint}") from None
+    if fsdp and launched_processes() > 1 and accelerator.distributed_type != DistributedType.FSDP:
+        raise ConfigError(f"FSDP was asked for but Accelerate set up {accelerator.distributed_type.value}: {hint}")
+    return accelerator

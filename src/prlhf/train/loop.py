@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -27,7 +26,7 @@ from prlhf.model.reward import PersonalizedRewardModel
 from prlhf.model.run_dir import save_run
 from prlhf.train.batching import EpochBatchSampler, PairCollator, pair_length
 from prlhf.train.checkpoint import Trainable, list_checkpoints, load_latest_checkpoint, save_checkpoint
-from prlhf.train.distributed import allow_precision_change, cpu_processes
+from prlhf.train.distributed import allow_precision_change, cpu_processes, start_accelerator
 from prlhf.train.metrics import TrainMetrics, tracker_names, truncate_log
 from prlhf.train.optim import clip_grad_norm_
 from prlhf.train.periodic_eval import PeriodicEval, load_eval_records
@@ -81,9 +80,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     allow_precision_change(mixed)
-    accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=mixed,
-                              gradient_accumulation_steps=config.grad_accum,
-                              log_with=tracker_names(config.report_to) or None, project_dir=str(run_dir))
+    accelerator = start_accelerator(cpu=cpu_processes(), mixed_precision=mixed,
+                                    gradient_accumulation_steps=config.grad_accum,
+                                    log_with=tracker_names(config.report_to) or None, project_dir=str(run_dir))
     is_main, show = accelerator.is_main_process, show_progress and accelerator.is_main_process
     set_seed(config.seed)
     if is_main:
