@@ -44,7 +44,8 @@ def main() -> None:
         kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=48, do_sample=False)
         cached = run.model.generate(prompts, users, **kw)
         uncached = run.model.generate(prompts, users, use_cache=False, **kw)
-        result[kind] = {"mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
+        result[kind] = {"mean_user_accuracy": ev["mean_user_accuracy"],
+                        "worst_user_accuracy": ev["worst_user_accuracy"],
                         "train_seconds": summary["train_seconds"], "total_seconds": round(time.time() - start, 1),
                         "cached_equals_uncached": cached == uncached,
                         "mixed_precision": "bf16" if torch.cuda.is_bf16_supported() else "no"}

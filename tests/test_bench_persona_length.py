@@ -89,7 +89,8 @@ def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
     run_config = (out / "work" / "runs" / "p_dpo_individual" / "config.yaml").read_text()
     assert "mixed_precision: bf16" in run_config and "user_weight_decay: 0.1" in run_config
     assert "user_code_lr: 0.05" in run_config and "grad_accum: 2" in run_config and "batch_size: 4" in run_config
-    logged = [json.loads(line)["step"] for line in (out / "work" / "runs" / "p_dpo_individual" / "metrics.jsonl").open()]
+    metrics = out / "work" / "runs" / "p_dpo_individual" / "metrics.jsonl"
+    logged = [json.loads(line)["step"] for line in metrics.open()]
     assert logged[-1] == 8  # optimizer steps, not micro-batches
     assert doc["user_weight_decay"] == 0.1 and doc["user_code_lr"] == 0.05
     users = json.loads((out / "work" / "data" / "users.json").read_text())["users"]

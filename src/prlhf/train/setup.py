@@ -38,8 +38,10 @@ def encode(config: TrainConfig, records, tokenizer) -> list[EncodedPair]:
     return encode_records(records, tokenizer, config.max_length, config.max_prompt_length, config.use_user_text)
 
 
-def prepare_base(config: TrainConfig, records: Sequence[PreferenceRecord], run_dir: Path, is_main: bool,
-                 show_progress: bool, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[EncodedPair]]:
+def prepare_base(
+    config: TrainConfig, records: Sequence[PreferenceRecord], run_dir: Path, is_main: bool,
+    show_progress: bool, device: torch.device | str = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[EncodedPair]]:
     """The base LM (= the reference policy) and the encoded training pairs.
 
     The tiny model is built from the data and warmed up; a warmed-up base is saved to RUN_DIR/base, so the
