@@ -1,16 +1,20 @@
-"""Training options that trade memory or regularise users: --gradient-checkpointing, --user-weight-decay,
---user-code-lr."""
+"""Training options that trade memory, regularise users or keep the policy comparable with its reference:
+--gradient-checkpointing, --user-weight-decay, --user-code-lr, --disable-dropout."""
 
 from __future__ import annotations
+
+import json
+import math
 
 import pytest
 import torch
 import transformers
+from conftest import tiny_architecture
 from torch.utils.checkpoint import checkpoint
 from test_train_resume import assert_same_weights, config
 
 from prlhf.config import ConfigError, TrainConfig
-from prlhf.model.loading import add_lora
+from prlhf.model.loading import add_lora, disable_dropout
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.tiny import build_tiny_model
 from prlhf.train.loop import train
@@ -99,3 +103,36 @@ def test_runs_in_one_process_may_change_precision(task_dir, tmp_path):
         summary = train(config(task_dir, tmp_path / name, max_steps=1, mixed_precision=precision),
                         show_progress=False)
         assert summary["steps"] == 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_disable_dropout_makes_a_training_forward_deterministic(arch, tiny_tokenizer):
+    """GPT-2 drops through nn.Dropout modules; Llama's attention reads a float `attention_dropout`."""
+    model = tiny_architecture("gpt2", tiny_tokenizer) if arch == "gpt2" else \
+        build_tiny_model(tiny_tokenizer, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         attention_dropout=0.5)
+    ids = torch.tensor([tiny_tokenizer("The quiet cat carried a map behind the school.")["input_ids"]])
+    model.train()
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout on: two draws differ
+    assert disable_dropout(model) > 0
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    assert disable_dropout(model) == 0  # nothing left to turn off
+
+
+def test_vanilla_dpo_starts_at_the_reference_with_dropout_off(task_dir, tmp_path, tiny_tokenizer):
+    """The reference's log-probs are computed without dropout. With GPT-2's 0.1 dropout left on, the policy's
+    first forward (LoRA's B = 0: the same weights) already differs from them; with the default disable_dropout,
+    vanilla DPO's first loss is log 2 and its implicit rewards are 0, as they must be."""
+    folder = tmp_path / "gpt2"
+    tiny_architecture("gpt2", tiny_tokenizer).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    first = {}
+    for off in (True, False):
+        out = tmp_path / f"dropout_off_{off}"
+        train(TrainConfig(data=str(task_dir / "train.jsonl"), out=str(out), model=str(folder), user_model="uniform",
+                          max_steps=1, log_steps=1, batch_size=12, disable_dropout=off, reference_cache="none",
+                          report_to="none", threads=1), show_progress=False)
+        first[off] = json.loads((out / "metrics.jsonl").open().readline())
+    assert first[True]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first[True]["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
+    assert abs(first[False]["loss"] - math.log(2)) > 1e-3  # the test would see dropout left on

@@ -71,6 +71,10 @@ class TrainConfig:
     lora_r: int = _meta("LoRA rank", default=8)
     lora_alpha: int = _meta("LoRA alpha", default=16)
     lora_dropout: float = _meta("LoRA dropout", default=0.05)
+    disable_dropout: bool = _meta("zero the base LM's own dropout (GPT-2's 0.1, for one) after any warm-up, as TRL's "
+                                  "DPOConfig does by default: the reference log-probs are computed without dropout, so "
+                                  "with it on the implicit rewards start as noise; LoRA's is set by lora_dropout",
+                                  default=True)
     lora_targets: str = _meta("LoRA target modules: 'all-linear' or comma-separated module names",
                               default="all-linear")
     max_length: int = _meta("max prompt + response tokens (user tokens come on top)", default=512)

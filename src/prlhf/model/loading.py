@@ -48,6 +48,27 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, dropout: float
     return get_peft_model(model, config)
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Zero every dropout of the model in place; returns how many were on.
+
+    DPO compares the policy's log-probs with the reference's, which are computed without dropout: with dropout on
+    in training, the two differ before any update and the implicit rewards start as noise (TRL's `DPOConfig`
+    disables dropout by default for this reason). Architectures drop either through `nn.Dropout` modules (GPT-2)
+    or through a float attribute their attention reads at forward time (`attention_dropout` in Llama, Qwen2;
+    `hidden_dropout` in BLOOM): both are zeroed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            changed += module.p > 0
+            module.p = 0.0
+            continue
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each layer in the backward pass. Non-reentrant, so inputs given as `inputs_embeds` (the user
     tokens) need no requires_grad set by hand. transformers 5 renamed the method; 4.x has the old name only."""

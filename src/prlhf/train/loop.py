@@ -20,7 +20,7 @@ from prlhf.data.loading import load_records
 from prlhf.data.tokenize import PairBatch, adds_bos
 from prlhf.losses import chosen_nll, p_dpo_loss, p_rm_loss
 from prlhf.model.logprobs import IGNORE_INDEX
-from prlhf.model.loading import add_lora, enable_activation_checkpointing
+from prlhf.model.loading import add_lora, disable_dropout, enable_activation_checkpointing
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.reward import PersonalizedRewardModel
 from prlhf.model.run_dir import save_run
@@ -92,6 +92,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
 
     with accelerator.main_process_first():  # the main process warms up and saves the base; the others load it
         base, tokenizer, pairs = prepare_base(config, records, run_dir, is_main, show, accelerator.device)
+    if config.disable_dropout and (n := disable_dropout(base)):
+        logger.info("dropout off in %d layers of the base LM (disable_dropout)", n)
     registry = UserRegistry.from_records(records)
     user_model = build_user_model(config.user_model, len(registry), config.user_tokens, base.config.hidden_size,
                                   num_clusters=config.clusters, rank=config.user_rank, init=config.user_init,
