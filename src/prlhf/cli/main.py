@@ -192,34 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate a response for a user (unseen users get the generic user)")
-    g.add_argument("--run", required=True)
+    g.add_argument("--run", required=True, help="run directory written by `prlhf train` (or `prlhf adapt --out`)")
     g.add_argument("--user", required=True, help="user id as in the training data")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the prompt text, as in the training data")
     g.add_argument("--user-text", help="explicit preferences put before the prompt (if the run used user_text)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest response, in tokens (default 128)")
     g.add_argument("--n", type=int, default=1, help="number of samples (n > 1 implies --sample)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--rerank", metavar="RM_RUN", help="best-of-n: score the --n samples with this reward-model run "
                                                      "(train --objective rm) for --user; print JSON with the best")
-    g.add_argument("--threads", type=int, default=0)
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     g.set_defaults(func=cmd_generate)
 
     sc = sub.add_parser("score", help="a reward-model run's reward of a response for a user",
                         description="Prints r(prompt, response, user) from a run trained with --objective rm.")
     sc.add_argument("--run", required=True, help="reward-model run directory")
     sc.add_argument("--user", required=True, help="user id (unseen ids get the generic user)")
-    sc.add_argument("--prompt", required=True)
+    sc.add_argument("--prompt", required=True, help="the prompt text, as in the training data")
     sc.add_argument("--response", required=True, action="append",
                     help="response to score (repeat the flag to score several)")
     sc.add_argument("--user-text", help="explicit preferences put before the prompt (if the run used user_text)")
-    sc.add_argument("--threads", type=int, default=0)
+    sc.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     sc.set_defaults(func=cmd_score)
 
     d = sub.add_parser("data", help="check or build preference data")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     v = dsub.add_parser("validate", help="check a data file; print a summary or the first error")
-    v.add_argument("file")
+    v.add_argument("file", help=".jsonl/.json/.csv/.parquet file or `datasets` folder (DIR or DIR::SPLIT)")
     v.set_defaults(func=cmd_data_validate)
     b = dsub.add_parser("build", help="write a built-in synthetic multi-user task (train/test/users)")
     b.add_argument("task", choices=["length", "style", "persona"],
@@ -229,15 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--users", type=int, help="number of seen users")
     b.add_argument("--unseen", type=int, help="number of unseen (test-only) users")
     b.add_argument("--majority-share", type=float, help="share of users holding the majority pole (default 0.7)")
-    b.add_argument("--train-pairs-per-user", type=int)
-    b.add_argument("--test-pairs-per-user", type=int)
+    b.add_argument("--train-pairs-per-user", type=int, help="training pairs of each seen user (default: the task's)")
+    b.add_argument("--test-pairs-per-user", type=int, help="held-out pairs of each user (default: the task's)")
     b.add_argument("--with-user-text", action="store_true", help="style: fill user_text with the profile")
     b.add_argument("--persona-dir", help="persona: folder of <trait>.jsonl files (default "
                                          "../shared/data/anthropic-persona or $PRLHF_PERSONA_DIR)")
     b.add_argument("--dimensions", help="persona: comma-separated dimensions (politics,risk,time,religion or "
                                         "trait-a/trait-b; default all four)")
     b.add_argument("--statements-per-pole", type=int, help="persona: statements drawn per trait file (default 200)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="random seed of users, profiles and pairs (default 0)")
     b.set_defaults(func=cmd_data_build)
 
     m = sub.add_parser("demo", help="the paper's length experiment on the built-in tiny model, end to end",
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--profile-ids", action="store_true",
                     help="diagnostic: seen users who share a profile share one user id in training (what implicit "
                          "embeddings learn when each id has many pairs); users are still scored one by one")
-    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--seed", type=int, default=0, help="seed of the data and of every run (default 0)")
     pe.add_argument("--keep-runs", action="store_true",
                     help="keep the data and trained runs under OUT/work (removed by default)")
     pe.set_defaults(func=cmd_bench_persona)
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--shares", default="0.5,0.7,0.9", help="comma-separated majority shares (default 0.5,0.7,0.9)")
     le.add_argument("--quick", action="store_true", help="fewer pairs per user")
     le.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    le.add_argument("--seed", type=int, default=0)
+    le.add_argument("--seed", type=int, default=0, help="seed of the data and of every run (default 0)")
     le.set_defaults(func=cmd_bench_length)
     return p
 
