@@ -20,7 +20,7 @@ def test_train_eval_generate_from_a_model_folder(arch, task_dir, tmp_path, tiny_
                  "--max-steps", "2", "--batch-size", "6", "--user-tokens", "2", "--threads", "1",
                  "--report-to", "none", "--reference-cache", "none"]) == 0
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
-    assert losses and all(0 < loss < 5 for loss in losses)  # finite, and near log 2 after 2 small steps
+    assert losses and all(0 < loss < 5 for loss in losses)  # finite: a DPO loss is positive, and near log 2 this early
 
     assert main(["eval", "--run", str(run), "--data", str(task_dir / "test.jsonl"), "--out",
                  str(tmp_path / "eval.json"), "--threads", "1"]) == 0
