@@ -52,6 +52,15 @@ def test_cluster_mixes_prototypes_with_softmax_weights():
     assert torch.allclose(um(idx), expected)
 
 
+def test_cluster_logit_std_sets_how_far_from_an_even_mix_users_start():
+    """std 0: every user is the even mix of the prototypes; a large std puts most users near one prototype."""
+    even = build_user_model("cluster", 200, 1, 4, num_clusters=2, init="uniform", logit_std=0.0)
+    assert torch.equal(torch.softmax(even.weights.weight, -1), torch.full((201, 2), 0.5))
+    spread = build_user_model("cluster", 200, 1, 4, num_clusters=2, init="uniform", logit_std=3.0)
+    top = torch.softmax(spread.weights.weight, -1).max(-1).values
+    assert (top > 0.9).float().mean() > 0.5
+
+
 def test_uniform_has_no_tokens():
     um = build_user_model("uniform", 5, 10, 4)
     assert um.num_tokens == 0 and um(torch.tensor([1, 2])).shape == (2, 0, 4)

@@ -40,6 +40,8 @@ class TrainConfig:
     user_model: str = _meta(f"user model: {' | '.join(USER_MODELS)} (uniform = vanilla DPO)", default="individual")
     user_tokens: int = _meta("T_u, soft tokens per user", default=10)
     clusters: int = _meta("K, prototypes of the cluster user model", default=4)
+    cluster_logit_std: float = _meta("std of the cluster model's initial mixing logits (0.1: every user starts near "
+                                     "an even mix of the prototypes)", default=0.1)
     user_rank: int = _meta("r, size of each user's vector in the lowrank user model", default=8)
     user_init: str = _meta("soft-token init: vocab (random vocabulary embeddings) | uniform | zeros",
                            default="vocab")
@@ -122,6 +124,7 @@ class TrainConfig:
             (self.nll_weight >= 0, "nll_weight must be >= 0"),
             (self.user_tokens >= 1, "user_tokens must be >= 1"),
             (self.clusters >= 1, "clusters must be >= 1"),
+            (self.cluster_logit_std >= 0, "cluster_logit_std must be >= 0"),
             (self.user_rank >= 1, "user_rank must be >= 1"),
             (self.epochs > 0, "epochs must be > 0"),
             (self.max_steps >= 0, "max_steps must be >= 0"),

@@ -96,7 +96,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
         logger.info("dropout off in %d layers of the base LM (disable_dropout)", n)
     registry = UserRegistry.from_records(records)
     user_model = build_user_model(config.user_model, len(registry), config.user_tokens, base.config.hidden_size,
-                                  num_clusters=config.clusters, rank=config.user_rank, init=config.user_init,
+                                  num_clusters=config.clusters, logit_std=config.cluster_logit_std,
+                                  rank=config.user_rank, init=config.user_init,
                                   seed=config.seed,
                                   input_embeddings=base.get_input_embeddings().weight)
     if config.gradient_checkpointing:

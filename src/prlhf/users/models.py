@@ -91,15 +91,16 @@ class ClusterUserModel(UserModel):
 
     def __init__(self, num_users: int, num_tokens: int, hidden_size: int, *, num_clusters: int = 4,
                  input_embeddings: torch.Tensor | None = None, init: str = "vocab", seed: int = 0,
-                 sparse: bool = SPARSE_USER_TABLES, **_):
+                 sparse: bool = SPARSE_USER_TABLES, logit_std: float = 0.1, **_):
         super().__init__(num_users, num_tokens, hidden_size)
         self.num_clusters = num_clusters
         g = torch.Generator().manual_seed(seed)
         self.prototypes = nn.Parameter(
             init_soft_tokens((num_clusters, num_tokens, hidden_size), input_embeddings, init, g))
-        # Small random logits break the symmetry between prototypes from the first step.
+        # Random logits break the symmetry between prototypes from the first step; small ones start every user
+        # near an even mix of them.
         self.weights = nn.Embedding(num_users + 1, num_clusters, sparse=sparse,
-                                    _weight=0.1 * torch.randn(num_users + 1, num_clusters, generator=g))
+                                    _weight=logit_std * torch.randn(num_users + 1, num_clusters, generator=g))
 
     def config(self) -> dict:
         return {**super().config(), "num_clusters": self.num_clusters}
