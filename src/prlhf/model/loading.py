@@ -54,7 +54,7 @@ def disable_dropout(model: torch.nn.Module) -> int:
     DPO compares the policy's log-probs with the reference's, which are computed without dropout: with dropout on
     in training, the two differ before any update and the implicit rewards start as noise (TRL's `DPOConfig`
     disables dropout by default for this reason). Architectures drop either through `nn.Dropout` modules (GPT-2)
-    or through a float attribute their attention reads at forward time (`attention_dropout` in Llama, Qwen2;
+    or through a float attribute their layers read at forward time (`attention_dropout` in Llama, Qwen2;
     `hidden_dropout` in BLOOM): both are zeroed."""
     changed = 0
     for module in model.modules():
