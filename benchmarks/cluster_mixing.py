@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from prlhf.train.checkpoint import list_checkpoints
+
 
 def purity(groups: list[int], profiles: list[str]) -> float:
     by_group = collections.defaultdict(collections.Counter)
@@ -46,8 +48,7 @@ def main() -> None:
     users = json.loads(args.users.read_text())["users"]
     seen = sorted(u for u, v in users.items() if v["seen"])  # the registry's order: sorted ids, from index 1
     profiles = [users[u]["profile_id"] for u in seen]
-    files = {c.name: c / "model.safetensors" for c in sorted((args.run / "checkpoints").glob("step-*"),
-                                                             key=lambda c: int(c.name.split("-")[1]))}
+    files = {path.name: path / "model.safetensors" for _, path in list_checkpoints(args.run)}
     if (args.run / "user_model.safetensors").is_file():
         files["final"] = args.run / "user_model.safetensors"
     for name, path in files.items():

@@ -56,6 +56,13 @@ def tiny_architecture(arch: str, tokenizer, seed: int = 0):
 ARCHITECTURES = ["llama", "gpt2", "qwen2", "gpt_neox"]
 
 
+def save_tiny_architecture(arch: str, tokenizer, folder: Path) -> Path:
+    """A tiny model of `arch` and its tokenizer as a local model folder, loadable like a hub checkpoint."""
+    tiny_architecture(arch, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     """A 4-user length task shared by the training tests (3 seen users x 12 pairs = 9 batches of 4)."""

@@ -6,16 +6,14 @@ import json
 import math
 
 import pytest
-from conftest import ARCHITECTURES, tiny_architecture
+from conftest import ARCHITECTURES, save_tiny_architecture
 
 from prlhf.cli.main import main
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_train_eval_generate_from_a_model_folder(arch, task_dir, tmp_path, tiny_tokenizer, capsys):
-    folder, run = tmp_path / arch, tmp_path / "run"
-    tiny_architecture(arch, tiny_tokenizer).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+    folder, run = save_tiny_architecture(arch, tiny_tokenizer, tmp_path / arch), tmp_path / "run"
     assert main(["train", "--data", str(task_dir / "train.jsonl"), "--model", str(folder), "--out", str(run),
                  "--max-steps", "2", "--batch-size", "6", "--user-tokens", "2", "--threads", "1",
                  "--report-to", "none", "--reference-cache", "none"]) == 0
@@ -36,9 +34,7 @@ def test_train_eval_generate_from_a_model_folder(arch, task_dir, tmp_path, tiny_
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_reward_model_trains_and_scores_on_each_architecture(arch, task_dir, tmp_path, tiny_tokenizer, capsys):
-    folder, run = tmp_path / arch, tmp_path / "rm"
-    tiny_architecture(arch, tiny_tokenizer).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+    folder, run = save_tiny_architecture(arch, tiny_tokenizer, tmp_path / arch), tmp_path / "rm"
     assert main(["train", "--objective", "rm", "--data", str(task_dir / "train.jsonl"), "--model", str(folder),
                  "--out", str(run), "--max-steps", "2", "--batch-size", "6", "--user-tokens", "2", "--threads", "1",
                  "--report-to", "none"]) == 0

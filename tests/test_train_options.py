@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import tiny_architecture
+from conftest import save_tiny_architecture, tiny_architecture
 from torch.utils.checkpoint import checkpoint
 from test_train_resume import assert_same_weights, config
 
@@ -123,9 +123,7 @@ def test_vanilla_dpo_starts_at_the_reference_with_dropout_off(task_dir, tmp_path
     """The reference's log-probs are computed without dropout. With GPT-2's 0.1 dropout left on, the policy's
     first forward (LoRA's B = 0: the same weights) already differs from them; with the default disable_dropout,
     vanilla DPO's first loss is log 2 and its implicit rewards are 0, as they must be."""
-    folder = tmp_path / "gpt2"
-    tiny_architecture("gpt2", tiny_tokenizer).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+    folder = save_tiny_architecture("gpt2", tiny_tokenizer, tmp_path / "gpt2")
     first = {}
     for off in (True, False):
         out = tmp_path / f"dropout_off_{off}"
