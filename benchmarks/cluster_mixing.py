@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from prlhf.model.run_dir import current_version
 from prlhf.train.checkpoint import list_checkpoints
 
 
@@ -49,8 +50,8 @@ def main() -> None:
     seen = sorted(u for u, v in users.items() if v["seen"])  # the registry's order: sorted ids, from index 1
     profiles = [users[u]["profile_id"] for u in seen]
     files = {path.name: path / "model.safetensors" for _, path in list_checkpoints(args.run)}
-    if (args.run / "user_model.safetensors").is_file():
-        files["final"] = args.run / "user_model.safetensors"
+    if (args.run / "run.json").is_file():  # a finished run: its current version's user model
+        files["final"] = current_version(args.run) / "user_model.safetensors"
     for name, path in files.items():
         stats = mixing_stats(path, profiles)
         print(name, json.dumps({k: round(v, 3) for k, v in stats.items()}))

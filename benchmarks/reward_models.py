@@ -41,16 +41,17 @@ KEYS = ("mean_user_accuracy", "worst_user_accuracy", "unseen_accuracy")
 
 def compare(task, work: Path, threads: int, seed: int, clusters: int) -> tuple[dict, dict]:
     paths = task.write(work / "data")
-    results, runs, base = {}, {}, None
+    results, runs, bases = {}, {}, {}
     for name, overrides in METHODS.items():
         run_dir = work / name
         start = time.time()
         extra = {"clusters": clusters} if overrides["user_model"] == "cluster" else {}
+        base = bases.get(overrides["objective"])  # each objective's default warm-up differs (TINY_SFT_STEPS)
         # lr given explicitly: once `model` is the saved base folder, the tiny defaults no longer apply
         train(TrainConfig(data=str(paths["train"]), out=str(run_dir), model=base or "tiny", seed=seed, lr=TINY_LR,
                           sft_steps=-1 if base is None else 0, threads=threads, report_to="none",
                           **overrides, **extra), show_progress=False)
-        base = base or str(run_dir / "base")  # one warmed-up tiny base shared by every method
+        bases.setdefault(overrides["objective"], str(run_dir / "base"))  # one warmed-up base per objective
         runs[name] = load_run(run_dir)
         ev = evaluate_run(runs[name], task.test)
         results[name] = {**{k: ev[k] for k in KEYS}, "seconds": round(time.time() - start, 1)}

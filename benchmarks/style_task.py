@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/style")
     parser.add_argument("--work", default="/tmp/prlhf_style_bench", help="scratch folder for data and runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each `prlhf train`")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     subprocess.run(["rm", "-rf", str(work)], check=True)
@@ -36,7 +37,7 @@ def main() -> None:
     for name, flags in METHODS.items():
         start = time.time()
         sh("train", "--data", str(work / "data" / "train.jsonl"), "--out", str(work / name), "--model", "tiny",
-           "--threads", "2", "--seed", str(args.seed), "--quiet", *flags)
+           "--threads", str(args.threads), "--seed", str(args.seed), "--quiet", *flags)
         seconds = time.time() - start
         sh("eval", "--run", str(work / name), "--data", str(work / "data" / "test.jsonl"),
            "--out", str(work / f"{name}.json"))
@@ -45,7 +46,7 @@ def main() -> None:
             "mean_user_accuracy", "worst_user_accuracy", "unseen_accuracy", "accuracy")}}
     seen = [u for u, i in users.items() if i["seen"]]
     report = {"task": "style (16 seen + 4 unseen users, 3 dimensions, majority share 0.7)", "seed": args.seed,
-              "machine": f"{platform.machine()}, {platform.python_version()}, 2 threads",
+              "machine": f"{platform.machine()}, {platform.python_version()}, {args.threads} threads",
               "n_seen_users": len(seen), "methods": results}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = ["| method | train command (s) | mean seen-user acc | worst seen user | unseen (pooled) |",
@@ -53,8 +54,8 @@ def main() -> None:
     lines += [f"| {m} | {r['train_command_seconds']:.0f} | {r['mean_user_accuracy']:.2f} | "
               f"{r['worst_user_accuracy']:.2f} | {r['unseen_accuracy']:.2f} |" for m, r in results.items()]
     table = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(f"# Style task\n\nCommand: `python benchmarks/style_task.py --out {out}`\n\n"
-                                    + table)
+    command = f"python benchmarks/style_task.py --out {out} --seed {args.seed} --threads {args.threads}"
+    (out / "results.md").write_text(f"# Style task\n\nCommand: `{command}`\n\n" + table)
     print(table)
 
 

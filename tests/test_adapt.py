@@ -14,7 +14,8 @@ from prlhf.config import ConfigError, TrainConfig
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tasks import build_length_task
 from prlhf.data.tokenize import collate_pairs, encode_records
-from prlhf.model.run_dir import RunError, load_run
+from prlhf.model.run_dir import RunError, current_version, load_run
+from prlhf.safe_io import TMP_PREFIX
 from prlhf.train.loop import train
 from prlhf.users.adapt import (adapt_users, default_adapt_lr, initial_rows, jaccard, mean_row, save_adapted_run,
                                split_holdout, text_neighbours)
@@ -160,13 +161,16 @@ def test_save_adapted_run_is_a_full_copy(run_dir, task, tmp_path):
     run = load_run(run_dir)
     new_run, report = adapt_users(run, unseen(task), steps=3, show_progress=False)
     out = save_adapted_run(run_dir, new_run, tmp_path / "adapted", report)
-    names = {p.name for p in out.iterdir()}
-    assert {"adapter", "tokenizer", "base", "config.yaml", "run.json", "users.json", "user_model.json",
-            "user_model.safetensors", "adapt.json"} <= names
-    assert "checkpoints" not in names and not any(n.endswith(".tmp") for n in names)
-    assert not list(tmp_path.glob(".adapted.*"))  # the temporary build folder was renamed away
+    names = {p.name for p in out.iterdir()}  # the artifacts live in the run's version v1 (prlhf.model.run_dir)
+    version = current_version(out)
+    assert version == out / "versions" / "v1"
+    assert {"base", "config.yaml", "run.json", "versions"} <= names
+    assert {"adapter", "tokenizer", "config.yaml", "users.json", "user_model.json", "user_model.safetensors",
+            "adapt.json", "manifest.json"} <= {p.name for p in version.iterdir()}
+    assert "checkpoints" not in names and not any(n.startswith(TMP_PREFIX) for n in names)
+    assert not list(tmp_path.glob(TMP_PREFIX + "*"))  # the temporary build folder was renamed away
     assert (out / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
-    assert json.loads((out / "adapt.json").read_text())["adapted_from"] == str(run_dir)
+    assert json.loads((version / "adapt.json").read_text())["adapted_from"] == str(run_dir)
     assert json.loads((out / "run.json").read_text())["n_users"] == len(new_run.registry)
     reloaded = load_run(out)
     assert reloaded.registry.user_ids == new_run.registry.user_ids
@@ -197,7 +201,7 @@ def test_cli_adapt(run_dir, data_dir, tmp_path, capsys):
     assert code == 0 and "unseen_01" in text and "before (generic)" in text
     expected = default_adapt_lr(load_run(run_dir).config, "individual")
     assert f"(3 steps at lr {expected:.3g})" in text
-    assert json.loads((out / "adapt.json").read_text())["lr"] == pytest.approx(expected)
+    assert json.loads((current_version(out) / "adapt.json").read_text())["lr"] == pytest.approx(expected)
     assert load_run(out).registry.user_ids[-2:] == ["unseen_01", "unseen_02"]
     code = main(["adapt", "--run", str(run_dir), "--data", str(data_dir / "test.jsonl"), "--out", str(out),
                  "--quiet"])

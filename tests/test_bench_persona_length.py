@@ -10,6 +10,7 @@ from conftest import write_persona_traits
 from prlhf.bench import persona
 from prlhf.bench.length import run_length_bench
 from prlhf.cli.main import main
+from prlhf.model.run_dir import current_version
 
 
 @pytest.fixture
@@ -97,7 +98,8 @@ def test_persona_bench_profile_ids_and_batch_size(toy_persona, monkeypatch):
     profiles = {f"profile-{info['profile_id']}" for info in users.values() if info["seen"]}
     trained_ids = {json.loads(line)["user_id"] for line in (out / "work" / "data" / "train.jsonl").open()}
     assert trained_ids == profiles
-    registry = json.loads((out / "work" / "runs" / "p_dpo_individual" / "users.json").read_text())["users"]
+    run_files = current_version(out / "work" / "runs" / "p_dpo_individual")  # RUN/versions/vN
+    registry = json.loads((run_files / "users.json").read_text())["users"]
     assert set(registry) == profiles
     assert scored and all(ids <= set(users) for ids in scored)  # real user ids, seen and unseen
     assert any(ids & {u for u, info in users.items() if info["seen"]} for ids in scored)

@@ -61,7 +61,7 @@ def test_bad_eval_file_fails_before_anything_is_written(data, tmp_path):
 
 def test_a_start_that_failed_before_training_can_be_rerun(data, tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(OSError):  # the model does not exist: fails after config.yaml was written
+    with pytest.raises(ConfigError, match="model folder not found"):  # fails after config.yaml was written
         train(TrainConfig(data=str(data / "train.jsonl"), out=str(run), model=str(tmp_path / "no-model"),
                           **{**SMALL, "sft_steps": 0}), show_progress=False)
     assert [p.name for p in run.iterdir()] == ["config.yaml"]

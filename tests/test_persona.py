@@ -43,7 +43,7 @@ def test_answers_follow_the_pole() -> None:
 def test_every_record_matches_its_users_pole(task, fake_dir) -> None:
     statements = {s.prompt(): s for rows in load_statements(fake_dir, resolve_dimensions(SMALL["dimensions"])).values()
                   for s in rows}
-    for split in (task.train, task.test, task.extra["test_statements"]):
+    for split in (task.train, task.test, task.extra["test_pairs"]):
         for rec in split:
             s = statements[rec.prompt]
             pole = task.users[rec.user_id]["profile"][s.dimension]
@@ -61,13 +61,15 @@ def test_splits(task) -> None:
         own[r.user_id].add(r.prompt)
         raters[r.prompt].add(r.user_id)
     # pairs split: held-out pairs of a seen user are statements others rated in training, never their own
-    for r in task.test:
+    for r in task.extra["test_pairs"]:
         assert r.prompt not in own[r.user_id] and raters[r.prompt] - {r.user_id}
-    assert {r.user_id for r in task.test} == seen | unseen
-    # statements split: statements never seen in training
+    assert {r.user_id for r in task.extra["test_pairs"]} == seen | unseen
+    # test.jsonl is split statements: statements never seen in training (content-disjoint)
     train_prompts = {r.prompt for r in task.train}
-    assert task.extra["test_statements"] and not {r.prompt for r in task.extra["test_statements"]} & train_prompts
+    assert task.test and not {r.prompt for r in task.test} & train_prompts
+    assert {r.user_id for r in task.test} == seen | unseen
     assert len(task.record_dimensions["test"]) == len(task.test)
+    assert len(task.record_dimensions["test_pairs"]) == len(task.extra["test_pairs"])
     assert set(task.record_dimensions["train"]) == {"politics", "risk"}
 
 
@@ -82,11 +84,11 @@ def test_both_poles_present_and_deterministic(fake_dir, task) -> None:
 
 def test_write_keeps_attribution_and_extra_split(task, tmp_path) -> None:
     paths = task.write(tmp_path)
-    assert paths["test_statements"].is_file()
+    assert paths["test_pairs"].is_file()
     meta = json.loads(paths["users"].read_text())["meta"]
     assert "CC-BY-4.0" in meta["attribution"]
     dims = json.loads(paths["record_dimensions"].read_text())
-    assert len(dims["test_statements"]) == len(task.extra["test_statements"])
+    assert len(dims["test_pairs"]) == len(task.extra["test_pairs"])
 
 
 def test_bad_files_name_file_line_and_field(tmp_path) -> None:

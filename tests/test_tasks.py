@@ -8,10 +8,11 @@ import random
 import pytest
 
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tasks import TASKS, Task, build_length_task, build_persona_task, build_style_task
+from prlhf.data.tasks import (TASKS, Task, build_length_task, build_persona_task, build_polis_task, build_style_task,
+                              build_tldr_task)
 from prlhf.data.tasks.common import assign_poles, record_to_dict
 from prlhf.data.tasks.length import word_count
-from prlhf.data.tasks.style import DIMENSIONS, classify_style, profile_text, random_content, render_style
+from prlhf.data.tasks.style import DIMENSIONS, TOPICS, classify_style, profile_text, random_content, render_style
 
 # small sizes keep the suite at well under a second per task
 SMALL_LENGTH = dict(n_seen_users=6, n_unseen_users=3, n_prompts=60, test_fraction=0.25)
@@ -44,7 +45,8 @@ def _vocab(task: Task) -> set[str]:
 
 
 def test_registry() -> None:
-    assert TASKS == {"length": build_length_task, "style": build_style_task, "persona": build_persona_task}
+    assert TASKS == {"length": build_length_task, "style": build_style_task, "persona": build_persona_task,
+                     "tldr": build_tldr_task, "polis": build_polis_task}
 
 
 @pytest.mark.parametrize("name", ["length", "style"])
@@ -91,6 +93,12 @@ def test_length_split_and_users(length_task: Task) -> None:
     test_prompts = {r.prompt for r in length_task.test}
     assert not train_prompts & test_prompts
     assert len(test_prompts) == 15 and len(train_prompts) == 45
+    # content-disjoint: test stories' subjects and objects never occur in any training text
+    train_words = {w.strip(".") for r in length_task.train for t in (r.prompt, r.chosen, r.rejected)
+                   for w in t.lower().split()}
+    held_out = set(length_task.meta["test_subjects"]) | set(length_task.meta["test_objects"])
+    assert held_out and not held_out & train_words
+    assert all(set(p.lower().strip(".").split()) & held_out for p in test_prompts)
     seen, unseen = set(length_task.seen_users), set(length_task.unseen_users)
     assert seen == {f"user_{i:02d}" for i in range(1, 7)} and unseen == {f"unseen_{i:02d}" for i in range(1, 4)}
     assert _users_in(length_task.train) == seen
@@ -123,8 +131,10 @@ def test_length_short_summary_invents_nothing(length_task: Task) -> None:
 def test_length_sizes() -> None:
     full = build_length_task()
     assert len(full.train) == 10 * 240 and len(full.test) == 14 * 60
-    assert full.meta == dict(n_seen_users=10, n_unseen_users=4, majority_share=0.7, n_prompts=300,
-                             test_fraction=0.2, train_pairs_per_user=None, test_pairs_per_user=None, seed=0)
+    meta = {k: v for k, v in full.meta.items() if k not in ("test_subjects", "test_objects")}
+    assert meta == dict(n_seen_users=10, n_unseen_users=4, majority_share=0.7, n_prompts=300,
+                        test_fraction=0.2, train_pairs_per_user=None, test_pairs_per_user=None, seed=0)
+    assert len(full.meta["test_subjects"]) == 4 and len(full.meta["test_objects"]) == 3
     assert len(_vocab(full)) < 300
     small = build_length_task(n_seen_users=3, n_unseen_users=2, n_prompts=40, train_pairs_per_user=7,
                               test_pairs_per_user=4, seed=5)
@@ -157,6 +167,11 @@ def test_render_and_classify_all_styles() -> None:
 
 def test_style_split_and_users(style_task: Task) -> None:
     assert not {r.prompt for r in style_task.train} & {r.prompt for r in style_task.test}
+    # content-disjoint: no test topic occurs anywhere in training, prompts or notes
+    test_topics = set(style_task.meta["test_topics"])
+    assert test_topics and {t for t in TOPICS if any(t in r.prompt for r in style_task.test)} == test_topics
+    train_text = " ".join(f"{r.prompt} {r.chosen} {r.rejected}" for r in style_task.train).lower()
+    assert not any(t in train_text for t in test_topics)
     seen, unseen = set(style_task.seen_users), set(style_task.unseen_users)
     assert _users_in(style_task.train) == seen and _users_in(style_task.test) == seen | unseen
     for dim, poles in DIMENSIONS.items():

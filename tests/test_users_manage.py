@@ -15,7 +15,7 @@ from prlhf.config import TrainConfig
 from prlhf.data.loading import load_records
 from prlhf.data.tasks import build_length_task
 from prlhf.data.tokenize import collate_pairs, encode_records
-from prlhf.model.run_dir import RunError, load_run
+from prlhf.model.run_dir import RunError, current_version, load_run
 from prlhf.train.loop import train
 from prlhf.users.manage import delete_user, export_users, import_users, list_users, read_user_table
 
@@ -102,7 +102,7 @@ def test_delete_keeps_other_users_bitwise_and_maps_the_id_to_generic(runs, probe
     assert table.registry.to_dict()["users"] == {"user_01": 1, "user_03": 2}
     assert table.config["num_users"] == 2 and table.rows.shape[0] == 3
     assert torch.equal(table.rows, old.rows[[0, 1, 3]]) and torch.equal(table.state["generic"], old.state["generic"])
-    assert not list(run_dir.glob(".*.tmp"))
+    assert not list(run_dir.glob(".*.tmp")) and not list((run_dir / "versions").glob(".*"))  # no staging left
     after = logps(run_dir, probe, USERS + ["nobody"])
     for uid in ("user_01", "user_03", "nobody"):
         assert torch.equal(before[uid], after[uid]), uid
@@ -160,10 +160,10 @@ def test_import_refuses_mismatches(runs, tmp_path, capsys):
               "uniform": "uniform"}
     for name, needle in checks.items():
         run_dir = copy_run(runs[name], tmp_path, name)
-        users_before = (run_dir / "users.json").read_text()
+        users_before = (current_version(run_dir) / "users.json").read_text()  # the registry of the current version
         err = one_line_error(capsys, main(["users", "import", "--run", str(run_dir), "--from", str(prefix)]))
         assert needle in err, (name, err)
-        assert (run_dir / "users.json").read_text() == users_before
+        assert (current_version(run_dir) / "users.json").read_text() == users_before
     err = one_line_error(capsys, main(["users", "import", "--run", str(runs["individual"]), "--from",
                                        str(tmp_path / "missing")]))
     assert "users export" in err

@@ -41,7 +41,7 @@ PRETRAINED_TRAIN_DEFAULTS = {"threads": 2, "batch_size": 64, "user_tokens": 4, "
 # On a CPU the default 64 pairs per step go in micro-batches of 16 (gradient accumulation): one 64-pair SmolLM2
 # batch ran out of 24 GB there, in fp32 and in bf16.
 CPU_MICRO_BATCH = 16
-SPLITS = {"pairs": "test", "statements": "test_statements"}
+SPLITS = {"pairs": "test_pairs", "statements": "test"}  # split -> file stem; statements = content-disjoint
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
     shutil.rmtree(work, ignore_errors=True)
     as_trained = to_profile_ids(task) if profile_ids else (lambda records: records)
     replace(task, train=as_trained(task.train)).write(data)
-    test_sets = {"pairs": task.test, "statements": task.extra["test_statements"]}
+    test_sets = {"pairs": task.extra["test_pairs"], "statements": task.test}
     rng = random.Random(seed)
     curve_files = []
     for split, records in test_sets.items():  # a few pairs per user: learning curves at a bearable cost

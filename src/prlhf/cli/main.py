@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from prlhf import __version__
+from prlhf.cli.checks import check_flags
 from prlhf.cli.common import add_dataclass_flags, config_from_args, setup_logging
+from prlhf.cli.errors import command_name, describe, own_error_types
+from prlhf.cli.polis_cmds import add_build_flags as add_polis_build_flags
+from prlhf.cli.polis_cmds import build_summary as polis_build_summary
+from prlhf.cli.polis_cmds import polis_build_kwargs
+from prlhf.cli.polis_cmds import register_bench as register_polis_bench
 from prlhf.cli.users_cmds import register as register_user_commands
 from prlhf.config import ConfigError, TrainConfig
 
@@ -31,9 +38,12 @@ def cmd_eval(args) -> int:
     from prlhf.data.loading import load_records
     from prlhf.evaluate.report import accuracy_plot, accuracy_table
     from prlhf.evaluate.run_eval import evaluate_run
-    from prlhf.model.run_dir import load_run, write_json_atomic
+    from prlhf.model.run_dir import is_eval_result, load_run, write_json_atomic
+    from prlhf.safe_io import output_file_problem
 
     _set_threads(args.threads)
+    if args.out and (problem := output_file_problem(Path(args.out), args.overwrite, is_eval_result)):
+        raise ConfigError(f"eval: --out {args.out} {problem}")  # before any work
     records = load_records(args.data)
     run = load_run(args.run)
     result = evaluate_run(run, records, show_progress=True)
@@ -98,7 +108,9 @@ def cmd_data_validate(args) -> int:
 
 def cmd_data_build(args) -> int:
     from prlhf.data.tasks import TASKS
+    from prlhf.data.tasks.common import check_data_target
 
+    check_data_target(Path(args.out), args.overwrite)  # before building
     kwargs = {"n_seen_users": args.users, "n_unseen_users": args.unseen, "majority_share": args.majority_share,
               "train_pairs_per_user": args.train_pairs_per_user, "test_pairs_per_user": args.test_pairs_per_user,
               "seed": args.seed}
@@ -107,14 +119,37 @@ def cmd_data_build(args) -> int:
     if args.task == "persona":
         kwargs.update(with_user_text=True, data_dir=args.persona_dir, statements_per_pole=args.statements_per_pole,
                       dimensions=args.dimensions.split(",") if args.dimensions else None)
+    if args.task == "tldr":
+        kwargs = tldr_build_kwargs(args)
+    if args.task == "polis":
+        kwargs = polis_build_kwargs(args)
     try:
         task = TASKS[args.task](**{k: v for k, v in kwargs.items() if v is not None})
     except ValueError as exc:  # the builders check their sizes and shares
         raise ConfigError(f"data build {args.task}: {exc}") from None
-    paths = task.write(args.out)
+    paths = task.write(args.out, overwrite=args.overwrite)
     print(f"{args.task}: {len(task.train)} train pairs, {len(task.test)} test pairs, {len(task.users)} users -> "
           + ", ".join(str(p) for p in paths.values()))
+    if args.task == "polis":
+        print(polis_build_summary(task))
+    if args.task == "tldr":
+        m = task.meta
+        print(f"tldr: read {m['n_read']} comparisons from {len(m['files'])} file(s) in {m['source']}; dropped "
+              f"{m['n_duplicates']} exact duplicates and {m['n_without_post']} without a Reddit post; "
+              f"{m['n_seen_users']} seen + {m['n_unseen_users']} unseen labelers")
     return 0
+
+
+def tldr_build_kwargs(args) -> dict:
+    """`data build tldr`: real labelers have no poles or profiles, so the synthetic tasks' flags are refused."""
+    given = [flag for flag, value in (("--majority-share", args.majority_share), ("--with-user-text",
+             args.with_user_text), ("--persona-dir", args.persona_dir), ("--dimensions", args.dimensions),
+             ("--statements-per-pole", args.statements_per_pole)) if value not in (None, False)]
+    if given:
+        raise ConfigError(f"data build tldr: not for real labelers: {', '.join(given)}")
+    return {"source": args.source, "n_seen_users": args.users, "n_unseen_users": args.unseen,
+            "max_train_pairs_per_user": args.train_pairs_per_user,
+            "max_test_pairs_per_user": args.test_pairs_per_user, "seed": args.seed}
 
 
 def cmd_demo(args) -> int:
@@ -146,6 +181,29 @@ def cmd_bench_persona(args) -> int:
     return 0
 
 
+# `bench tldr` flags that are TrainConfig fields (the same as bench persona's) and those that size the benchmark
+TLDR_SIZE_FLAGS = ("epochs", "max_prompt_length", "min_comparisons", "max_train_pairs_per_user",
+                   "max_test_pairs_per_user", "adapt_steps")
+
+
+def cmd_bench_tldr(args) -> int:
+    from prlhf.bench.tldr import run_tldr_bench
+
+    sizes = {k: getattr(args, k) for k in TLDR_SIZE_FLAGS}
+    sizes.update(n_seen=args.users, n_unseen=args.unseen,
+                 adapt_ks=tuple(int(k) for k in args.adapt_ks.split(",")) if args.adapt_ks else None)
+    if args.max_prompt_length is not None:
+        sizes["max_length"] = args.max_prompt_length + 64  # the summaries are at most about 60 tokens
+    try:
+        run_tldr_bench(Path(args.out), model=args.model, source=args.source, quick=args.quick, seed=args.seed,
+                       methods=args.methods.split(",") if args.methods else None, keep_runs=args.keep_runs,
+                       reuse_runs=args.reuse_runs, size_overrides=sizes,
+                       **{k: getattr(args, k) for k in PERSONA_TRAIN_FLAGS})
+    except ValueError as exc:
+        raise ConfigError(f"bench tldr: {exc}") from None
+    return 0
+
+
 def cmd_bench_length(args) -> int:
     from prlhf.bench.length import run_length_bench
 
@@ -173,7 +231,7 @@ def _set_threads(n: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prlhf", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"prlhf {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and an error's full traceback")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a personalized (or vanilla) DPO run, or a reward model (--objective rm)",
@@ -186,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="per-user implicit-reward accuracy of a run on held-out pairs")
     e.add_argument("--run", required=True, help="run directory written by `prlhf train`")
     e.add_argument("--data", required=True, help="held-out pairs (users absent from training are 'unseen')")
-    e.add_argument("--out", help="write the metrics JSON here")
+    e.add_argument("--out", help="write the metrics JSON here (a new file, or one eval wrote before)")
+    e.add_argument("--overwrite", action="store_true", help="let --out replace a file eval did not write")
     e.add_argument("--plot", metavar="PNG", help="also draw per-user accuracy as a bar chart")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     e.set_defaults(func=cmd_eval)
@@ -222,10 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file", help=".jsonl/.json/.csv/.parquet file or `datasets` folder (DIR or DIR::SPLIT)")
     v.set_defaults(func=cmd_data_validate)
     b = dsub.add_parser("build", help="write a built-in synthetic multi-user task (train/test/users)")
-    b.add_argument("task", choices=["length", "style", "persona"],
-                   help="length / style: synthetic; persona: real persona-trait statements (Anthropic, CC-BY-4.0) "
-                        "with users holding opposing traits, plus a test_statements.jsonl split")
-    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("task", choices=["length", "style", "persona", "tldr", "polis"],
+                   help="length / style: synthetic, test on new stories / topics; persona: real persona-trait "
+                        "statements (Anthropic, CC-BY-4.0) with users holding opposing traits (test.jsonl: new "
+                        "statements; test_pairs.jsonl: the paper's split pairs); tldr: real "
+                        "labelers' comparisons of Reddit summaries (OpenAI), split by post; polis: real participants' "
+                        "votes on each other's statements (Polis open data, CC BY 4.0), split by statement")
+    b.add_argument("--out", required=True, help="output folder (new, empty, or one data build wrote before)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds other files (never into a run directory)")
     b.add_argument("--users", type=int, help="number of seen users")
     b.add_argument("--unseen", type=int, help="number of unseen (test-only) users")
     b.add_argument("--majority-share", type=float, help="share of users holding the majority pole (default 0.7)")
@@ -237,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dimensions", help="persona: comma-separated dimensions (politics,risk,time,religion or "
                                         "trait-a/trait-b; default all four)")
     b.add_argument("--statements-per-pole", type=int, help="persona: statements drawn per trait file (default 200)")
+    b.add_argument("--source", help="tldr: folder of comparison files in OpenAI's schema (*.json / *.jsonl; default "
+                                    "../shared/data/summarize-from-feedback or $PRLHF_TLDR_DIR); polis: folder of "
+                                    "Polis conversation folders (default ../shared/data/polis or $PRLHF_POLIS_DIR)")
     b.add_argument("--seed", type=int, default=0, help="random seed of users, profiles and pairs (default 0)")
+    add_polis_build_flags(b)
     b.set_defaults(func=cmd_data_build)
 
     m = sub.add_parser("demo", help="the paper's length experiment on the built-in tiny model, end to end",
@@ -316,6 +384,49 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--keep-runs", action="store_true",
                     help="keep the data and trained runs under OUT/work (removed by default)")
     pe.set_defaults(func=cmd_bench_persona)
+    tl = bsub.add_parser("tldr", help="real labelers (OpenAI's TL;DR comparisons): vanilla DPO, P-DPO individual "
+                                      "/ cluster, P-RM individual, uniform RM, new labelers from k comparisons",
+                         description="Builds the TL;DR labelers task from --source (split by post), trains each "
+                                     "method, scores seen and unseen labelers, fits new labelers, and writes "
+                                     "results.json, report.md and labelers.png.")
+    tl.add_argument("--model", default="tiny", help="tiny | smollm2-135m | any hub id or folder (default tiny)")
+    tl.add_argument("--source", help="folder of comparison files (default ../shared/data/summarize-from-feedback)")
+    tl.add_argument("--out", required=True, help="results folder")
+    tl.add_argument("--quick", action="store_true", help="small sizes: checks the pipeline end to end")
+    tl.add_argument("--methods", help="comma-separated subset of: vanilla_dpo, p_dpo_individual, p_dpo_cluster, "
+                                      "p_rm_individual, rm_uniform (default: all)")
+    tl.add_argument("--users", type=int, help="seen labelers, drawn by seed (default: all that are not unseen)")
+    tl.add_argument("--unseen", type=int, help="unseen labelers, drawn from the half with fewest comparisons "
+                                               "(default 6)")
+    tl.add_argument("--min-comparisons", type=int,
+                    help="leave out labelers with fewer comparisons (default 20 pretrained, 0 tiny)")
+    tl.add_argument("--max-train-pairs-per-user", type=int,
+                    help="cap each seen labeler's training comparisons (default 40 pretrained, none tiny)")
+    tl.add_argument("--max-test-pairs-per-user", type=int,
+                    help="cap each labeler's held-out comparisons (default 30 pretrained, none tiny)")
+    tl.add_argument("--epochs", type=float, help="passes over the training pairs (default 2 pretrained, 3 tiny)")
+    tl.add_argument("--max-prompt-length", type=int,
+                    help="prompt tokens kept from the end, so 'TL;DR:' stays (default 192; max length is 64 more)")
+    tl.add_argument("--adapt-ks", help="comparisons per new labeler, comma-separated (default 0,5,10; 0 = generic)")
+    tl.add_argument("--adapt-steps", type=int, help="AdamW steps fitting the new labelers (default 20 pretrained)")
+    tl.add_argument("--lr", type=float, help="adapter learning rate (default 1e-3)")
+    tl.add_argument("--user-lr", type=float, help="user-model learning rate (default 3e-3 pretrained)")
+    tl.add_argument("--user-code-lr", type=float, help="cluster mixing logits' learning rate (default 3e-2 pretrained)")
+    tl.add_argument("--user-tokens", type=int, help="soft tokens per user (default 4 pretrained, 10 tiny)")
+    tl.add_argument("--batch-size", type=int, help="pairs per forward pass (default: bench persona's)")
+    tl.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: bench persona's)")
+    tl.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                    help="training autocast (bf16 runs about 2x faster on a CPU with AVX512-BF16)")
+    tl.add_argument("--user-weight-decay", type=float, default=0.0, help="weight decay of the per-user rows")
+    tl.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute")
+    tl.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    tl.add_argument("--seed", type=int, default=0, help="seed of the split, the unseen labelers and every run")
+    tl.add_argument("--keep-runs", action="store_true", help="keep the data and runs under OUT/work")
+    tl.add_argument("--reuse-runs", action="store_true",
+                    help="load the methods already finished under OUT/work (after a killed run) instead of "
+                         "training them again")
+    tl.set_defaults(func=cmd_bench_tldr)
+    register_polis_bench(bsub)
     le = bsub.add_parser("length", help="the paper's experiment 1: majority vs minority accuracy per method, for "
                                         "majority shares p = 0.5, 0.7, 0.9 (tiny model)")
     le.add_argument("--out", required=True, help="results folder (results.json, report.md, plot)")
@@ -330,19 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from prlhf.data.schema import DataError
-    from prlhf.model.presets import PresetError
-    from prlhf.model.run_dir import RunError
-    from prlhf.train.loop import TrainingDiverged
-
+    own = own_error_types()
     try:
+        check_flags(args, command_name(args))  # before any work
         return args.func(args)
-    except (DataError, ConfigError, RunError, PresetError, TrainingDiverged) as exc:
-        print(f"prlhf: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("prlhf: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the one boundary: one line, whatever library raised it; the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"prlhf: error: {describe(exc, args, own)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

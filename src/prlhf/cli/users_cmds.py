@@ -68,7 +68,7 @@ def cmd_users_export(args) -> int:
     from prlhf.users.manage import export_users
 
     ids = [u for u in args.users.split(",") if u]
-    paths = export_users(args.run, ids, args.out)
+    paths = export_users(args.run, ids, args.out, overwrite=args.overwrite)
     print(f"exported {len(ids)} user(s) -> {', '.join(str(p) for p in paths)}")
     return 0
 
@@ -132,7 +132,9 @@ def register(subparsers) -> None:
     e = usub.add_parser("export", help="write users' rows to FILE_PREFIX.safetensors + FILE_PREFIX.json")
     e.add_argument("--run", required=True, help="run directory written by `prlhf train`")
     e.add_argument("--users", required=True, help="comma-separated user ids")
-    e.add_argument("--out", required=True, metavar="FILE_PREFIX", help="writes FILE_PREFIX.safetensors and .json")
+    e.add_argument("--out", required=True, metavar="FILE_PREFIX", help="writes FILE_PREFIX.safetensors and .json "
+                   "(new files, or an earlier export's; never a run directory's own files)")
+    e.add_argument("--overwrite", action="store_true", help="replace files at FILE_PREFIX that are not an export")
     e.set_defaults(func=cmd_users_export)
     i = usub.add_parser("import", help="add users exported from a run on the same base model")
     i.add_argument("--run", required=True, help="run directory written by `prlhf train`")

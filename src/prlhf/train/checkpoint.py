@@ -11,8 +11,11 @@ A checkpoint `RUN_DIR/checkpoints/step-N/` holds
 We do not use `Accelerator.save_state` / `load_state`: accelerate 1.15 reads the registered custom objects (our
 scheduler, `custom_checkpoint_0.pkl`) with `torch.load(weights_only=False)`, i.e. it unpickles arbitrary code.
 
-Each checkpoint is written under a temporary name and renamed into place, so a run killed mid-write leaves the
-previous checkpoint intact; only the last `keep` are kept.
+Each checkpoint is written into `checkpoints/.tmp-step-N` (created exclusively, under the run's lock, after any
+leftover of a killed run is removed), fsynced, and renamed into place, so a run killed mid-write leaves the
+previous checkpoint intact; `trainer_state.json` (written last) also holds the fingerprint that --resume checks
+(prlhf.train.run_start) and `manifest.json` the size and sha256 of every file, checked when it is loaded. Only
+the last `keep` are kept.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import json
 import os
 import random
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +34,10 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from prlhf.config import ConfigError
+from prlhf.safe_io import fault_point, fsync_path, manifest_problem, remove_path, rename, write_manifest
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+TMP_STEP_PREFIX = ".tmp-step-"
 
 
 @dataclass
@@ -87,28 +91,36 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(trainable: Trainable, run_dir: Path, step: int, trainer_state: dict, keep: int) -> None:
     accelerator = trainable.accelerator
     folder = run_dir / "checkpoints"
-    tmp, final = folder / f".tmp-step-{step}", folder / f"step-{step}"
+    tmp, final = folder / f"{TMP_STEP_PREFIX}{step}", folder / f"step-{step}"
     if accelerator.is_main_process:
-        for stale in folder.glob(".tmp-step-*"):  # left by a run killed while writing
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        folder.mkdir(exist_ok=True)
+        for stale in folder.glob(f"{TMP_STEP_PREFIX}*"):  # left by a run killed while writing
+            remove_path(stale, "checkpoint")
+        os.mkdir(tmp)  # exclusive: fails on anything planted at the name
     accelerator.wait_for_everyone()
     weights = trainable_state(trainable)  # a collective under FSDP / ZeRO-3: every process takes part
+    fault_point("checkpoint", "write rng_state")
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.bin")
     if accelerator.is_main_process:
+        fault_point("checkpoint", "write model.safetensors")
         save_file(weights, str(tmp / "model.safetensors"))
+        fault_point("checkpoint", "write optimizer.bin")
         torch.save(trainable.optimizer.state_dict(), tmp / "optimizer.bin")
         torch.save(trainable.scheduler.state_dict(), tmp / "scheduler.bin")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.bin")
-        state = trainer_state | {"accumulation_step": accelerator.step}
-        (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # every process's RNG state is in
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        state = trainer_state | {"accumulation_step": accelerator.step}
+        fault_point("checkpoint", "write trainer_state.json")
+        (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")  # last: marks the checkpoint complete
+        write_manifest(tmp, "checkpoint")  # and fsyncs every file
+        if os.path.lexists(final):  # a step written again (a continued run with other --save-steps)
+            remove_path(final, "checkpoint")
+        rename(tmp, final, "checkpoint")
+        fsync_path(folder)
         for _, old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old, "checkpoint")
     accelerator.wait_for_everyone()
 
 
@@ -118,6 +130,9 @@ def load_latest_checkpoint(trainable: Trainable, run_dir: Path) -> dict | None:
     if not found:
         return None
     _, path = found[-1]
+    if (path / "manifest.json").is_file() and (problem := manifest_problem(path)):  # older ones have none
+        older = f"remove it to resume from {found[-2][1].name}" if len(found) > 1 else "train into another --out"
+        raise ConfigError(f"{path}: damaged checkpoint ({problem}); {older}")
     accelerator = trainable.accelerator
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # the weights would load, but the optimizer state here is rank 0's shard only

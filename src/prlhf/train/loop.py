@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from prlhf.config import ConfigError, TrainConfig, to_yaml
+from prlhf.config import TrainConfig
 from prlhf.data.loading import load_records
 from prlhf.data.tokenize import PairBatch, adds_bos
 from prlhf.losses import chosen_nll, p_dpo_loss, p_rm_loss
 from prlhf.model.logprobs import IGNORE_INDEX
-from prlhf.model.loading import add_lora, disable_dropout, enable_activation_checkpointing
+from prlhf.model.loading import add_lora, disable_dropout, enable_activation_checkpointing, input_embeddings_as_seen
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.reward import PersonalizedRewardModel
 from prlhf.model.run_dir import save_run
@@ -31,6 +31,7 @@ from prlhf.train.metrics import TrainMetrics, tracker_names, truncate_log
 from prlhf.train.optim import clip_grad_norm_
 from prlhf.train.periodic_eval import PeriodicEval, load_eval_records
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
+from prlhf.train.run_start import check_run_dir, claim_run_dir, is_main_rank, train_fingerprint
 from prlhf.train.setup import build_optimizer, prepare_base
 from prlhf.users.models import build_user_model
 from prlhf.users.registry import UserRegistry
@@ -40,17 +41,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; the message is one line and names what was kept."""
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume or not run_dir.exists():
-        return
-    # only a config.yaml: a start that failed before training (e.g. the model did not load); safe to reuse
-    if {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
-        return
-    if (run_dir / "checkpoints").is_dir() and not (run_dir / "run.json").exists():
-        raise ConfigError(f"{run_dir}: holds an unfinished run; pass --resume to continue it, or choose another --out")
-    raise ConfigError(f"{run_dir}: already exists and is not empty; choose another --out")
 
 
 def policy_logps(model, batch: PairBatch, with_user_tokens: bool, with_generic: bool):
@@ -73,21 +63,29 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     run_dir = Path(config.out)
-    check_run_dir(run_dir, config.resume)
+    if is_main_rank():
+        check_run_dir(run_dir, config.resume)
     records = load_records(config.data)  # validates everything before anything is written
     eval_splits = load_eval_records(config)
+    fingerprint = train_fingerprint(config, records)
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     allow_precision_change(mixed)
+    # before --out is created: a launch config this machine cannot run (FSDP without an accelerator) writes nothing
     accelerator = start_accelerator(cpu=cpu_processes(), mixed_precision=mixed,
                                     gradient_accumulation_steps=config.grad_accum,
                                     log_with=tracker_names(config.report_to) or None, project_dir=str(run_dir))
+    # the main process holds the run's lock from here to the end (a second `prlhf train` on --out is refused)
+    with claim_run_dir(config, fingerprint):
+        return _train(config, accelerator, mixed, records, eval_splits, fingerprint, show_progress)
+
+
+def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, fingerprint: dict,
+           show_progress: bool) -> dict:
+    run_dir = Path(config.out)
     is_main, show = accelerator.is_main_process, show_progress and accelerator.is_main_process
     set_seed(config.seed)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
     accelerator.wait_for_everyone()
 
     with accelerator.main_process_first():  # the main process warms up and saves the base; the others load it
@@ -99,11 +97,10 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                                   num_clusters=config.clusters, logit_std=config.cluster_logit_std,
                                   rank=config.user_rank, init=config.user_init,
                                   seed=config.seed,
-                                  input_embeddings=base.get_input_embeddings().weight)
+                                  input_embeddings=input_embeddings_as_seen(base))
     if config.gradient_checkpointing:
         enable_activation_checkpointing(base)
-    targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
-    lm = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+    lm = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules())
     is_rm = config.objective == "rm"
     if is_rm:
         model = PersonalizedRewardModel(lm, user_model, int(adds_bos(tokenizer)), base.config.hidden_size)
@@ -158,8 +155,11 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
             truncate_log(log_path, step)
             truncate_log(run_dir / "eval.jsonl", step)
         logger.info("resumed from step %d (epoch %d)", step, epoch)
-    elif config.resume:
+    elif config.resume:  # from scratch: what a killed first attempt logged is logged again
         logger.info("--resume: no checkpoint in %s, starting from scratch", run_dir)
+        if is_main:
+            truncate_log(log_path, 0)
+            truncate_log(run_dir / "eval.jsonl", 0)
     save_every = config.save_steps or steps_per_epoch
     desc = ("P-RM" if with_users else "RM") if is_rm else ("P-DPO" if with_users else "DPO")
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not show)
@@ -217,7 +217,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                 accelerator.wait_for_everyone()
             if step % save_every == 0 or step == total_steps:
                 save_checkpoint(trainable, run_dir, step, {"step": step, "epoch": epoch, "batches_in_epoch":
-                                                           batches_in_epoch, "metrics": metrics.state_dict()},
+                                                           batches_in_epoch, "metrics": metrics.state_dict(),
+                                                           "fingerprint": fingerprint},
                                 config.keep_checkpoints)
             if step >= total_steps:
                 break
@@ -233,7 +234,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                "objective": config.objective}
     accelerator.wait_for_everyone()
     if is_main:
-        save_run(run_dir, accelerator.unwrap_model(model), tokenizer, registry, summary)
+        save_run(run_dir, accelerator.unwrap_model(model), tokenizer, registry, summary, config)  # one new version
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers (and the process group: no collectives after this)
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,13 +14,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prlhf.config import TrainConfig
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tokenize import EncodedPair, encode_records
-from prlhf.model.loading import ensure_pad_token, load_base
+from prlhf.model.loading import check_lora_targets, ensure_pad_token, load_base
 from prlhf.model.personalized import PersonalizedLM
+from prlhf.model.run_dir import RunError
 from prlhf.model.tiny import build_tiny_model, build_tiny_tokenizer
+from prlhf.safe_io import (MANIFEST, fault_point, fsync_path, make_temp_dir, manifest_problem, remove_path, rename,
+                           write_manifest)
+from prlhf.train.checkpoint import rng_state, set_rng_state
 from prlhf.train.optim import RowSparseAdamW
-from prlhf.train.sft import supervised_warmup
+from prlhf.train.run_start import base_fingerprint, train_fingerprint
+from prlhf.train.sft import split_by_prompt, supervised_warmup
 
 logger = logging.getLogger(__name__)
+BASE_RNG_FILE = "rng_state.bin"  # the main process's RNG right after the warm-up
 
 
 def record_texts(records: Sequence[PreferenceRecord]) -> list[str]:
@@ -45,11 +52,17 @@ def prepare_base(
     """The base LM (= the reference policy) and the encoded training pairs.
 
     The tiny model is built from the data and warmed up; a warmed-up base is saved to RUN_DIR/base, so the
-    reference is the same after --resume and at evaluation.
+    reference is the same after --resume and at evaluation. A saved base is reused only when it is complete and
+    was built from the same data and options; the main process then also gets back the RNG state it had right
+    after the warm-up, so a run restarted before its first checkpoint draws what an uninterrupted one draws
+    (the warm-up of a model with dropout consumes the global RNG that LoRA's init and dropout use next).
     """
     saved = run_dir / "base"
-    if (saved / "config.json").is_file():
+    wanted = base_fingerprint(train_fingerprint(config, records))
+    if reusable_base(saved, wanted):
         base, tokenizer = load_base(saved)
+        if is_main:
+            set_rng_state(torch.load(saved / BASE_RNG_FILE, weights_only=True))
         return base, tokenizer, encode(config, records, tokenizer)
     if config.is_tiny:
         tokenizer = build_tiny_tokenizer(record_texts(records))
@@ -57,17 +70,56 @@ def prepare_base(
     else:
         base, tokenizer = load_base(config.model)
     ensure_pad_token(tokenizer, base)
+    check_lora_targets(base, config.lora_target_modules())  # before the warm-up: a typo costs seconds
     pairs = encode(config, records, tokenizer)
     steps = config.resolved_sft_steps()
     base.to(device)
     if steps:
-        nll = supervised_warmup(base, pairs, tokenizer.pad_token_id, steps, batch_size=config.batch_size,
-                                seed=config.seed, show_progress=show_progress)
-        logger.info("supervised warm-up: %d steps, final token NLL %.3f", steps, nll)
+        warm_pairs, holdout = split_by_prompt(pairs, config.sft_holdout, config.seed)
+        result = supervised_warmup(base, warm_pairs, tokenizer.pad_token_id, steps, batch_size=config.batch_size,
+                                   seed=config.seed, show_progress=show_progress, holdout=holdout)
+        held_out = "" if result.holdout_nll is None else f", held-out {result.holdout_nll:.3f} (best of {steps})"
+        logger.info("supervised warm-up: %d steps, token NLL %.3f%s", result.steps, result.train_nll, held_out)
     if (config.is_tiny or steps) and is_main:
-        base.save_pretrained(saved)
-        tokenizer.save_pretrained(saved)
+        save_base(base, tokenizer, saved, wanted)
     return base, tokenizer, pairs
+
+
+def reusable_base(saved: Path, fingerprint: dict) -> bool:
+    """A base/ written whole by save_base from the same data and options (one written before base/ had a manifest
+    cannot be told apart from a half-written one: it is built again)."""
+    if not (saved / MANIFEST).is_file():
+        return False
+    try:
+        same = json.loads((saved / MANIFEST).read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not same:
+        logger.info("%s was built from other data or options: building the base again", saved)
+    return same and manifest_problem(saved) is None
+
+
+def save_base(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saved: Path, fingerprint: dict) -> None:
+    """Write base/ in a temporary folder beside it (with the RNG state of this moment and a manifest holding
+    `fingerprint`), then rename it into place: a kill or a full disk leaves no partial base/."""
+    tmp = make_temp_dir(saved.parent, "base")
+    try:
+        fault_point("base", "write model")
+        base.save_pretrained(tmp)
+        fault_point("base", "write tokenizer")
+        tokenizer.save_pretrained(tmp)
+        fault_point("base", f"write {BASE_RNG_FILE}")
+        torch.save(rng_state(), tmp / BASE_RNG_FILE)
+        write_manifest(tmp, "base", fingerprint=fingerprint)
+        remove_path(saved, "base")  # a stale one (other data or options): no checkpoint uses it (run_start)
+        rename(tmp, saved, "base")
+        fsync_path(saved.parent)
+    except BaseException as exc:
+        remove_path(tmp, "cleanup")
+        if isinstance(exc, OSError):  # a full disk, say: one line, and nothing half-written stays
+            raise RunError(f"{saved}: could not write the warmed-up base ({exc.strerror or exc}); nothing of it was "
+                           "kept: free space and run the command again") from exc
+        raise
 
 
 def build_optimizer(model: PersonalizedLM, config: TrainConfig) -> torch.optim.Optimizer:

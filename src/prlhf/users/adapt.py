@@ -13,12 +13,12 @@ users in one batch (loss = sum over users of their mean loss) is the same as fit
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -34,9 +34,12 @@ from prlhf.data.tokenize import EncodedPair, collate_pairs, encode_records
 from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.losses import dpo_loss
 from prlhf.model.personalized import PersonalizedLM
-from prlhf.model.run_dir import LoadedRun, RunError, write_json_atomic
+from prlhf.model.run_dir import LoadedRun, RunError, copy_artifacts, resolve_run, write_version
+from prlhf.safe_io import copy_file, copy_tree, fault_point, fsync_path, fsync_tree, make_temp_dir, remove_path, rename
+from prlhf.train.loop import TrainingDiverged
 from prlhf.train.reference import compute_reference_logps
-from prlhf.users.manage import UserTable, extend_rows, require_personalized, table_from_module, write_user_table
+from prlhf.users.manage import (USER_FILES, UserTable, extend_rows, require_personalized, stage_user_table,
+                                table_from_module)
 from prlhf.users.defaults import ADAPT_LR_FACTOR, DEFAULT_STEPS, WARM_STARTS
 from prlhf.users.registry import UserRegistry
 
@@ -158,8 +161,11 @@ def split_holdout(records: Sequence[PreferenceRecord], new_ids: Sequence[str], h
 
 def fit_rows(model: PersonalizedLM, init_rows: torch.Tensor, pairs: Sequence[EncodedPair], local_idx: torch.Tensor,
              pad_id: int, beta: float, steps: int, lr: float, batch_pairs: int = 64,
-             show_progress: bool = True) -> tuple[torch.Tensor, list[float]]:
-    """Train the new rows (n, row) on their users' pairs; returns the fitted rows and the loss per step."""
+             show_progress: bool = True, user_ids: Sequence[str] | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Train the new rows (n, row) on their users' pairs; returns the fitted rows and the loss per step.
+
+    Raises TrainingDiverged, naming the step and the users (`user_ids`, by local index), as soon as a loss or a
+    row stops being finite: a NaN row must never reach a run directory."""
     ref_chosen, ref_rejected = compute_reference_logps(model, pairs, pad_id, show_progress=False)  # (P,), (P,)
     for p in model.parameters():  # PEFT's disable_adapter() marks the adapters trainable again on exit
         p.requires_grad_(False)
@@ -173,9 +179,10 @@ def fit_rows(model: PersonalizedLM, init_rows: torch.Tensor, pairs: Sequence[Enc
     optimizer = torch.optim.AdamW([new.rows], lr=lr, weight_decay=0.0)
     losses = []
     bar = tqdm(range(steps), desc="adapt users", disable=not show_progress)
-    for _ in bar:
+    for step in bar:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        diverged = torch.zeros(init_rows.shape[0], dtype=torch.bool)  # (n,) users with a non-finite loss
         for batch in batches:
             logps = fitter(batch.input_ids, batch.attention_mask, batch.labels, batch.user_idx.repeat(2))  # (2B,)
             chosen, rejected = logps.chunk(2)
@@ -184,7 +191,15 @@ def fit_rows(model: PersonalizedLM, init_rows: torch.Tensor, pairs: Sequence[Enc
             loss = (out.losses * weights[idx]).sum()
             loss.backward()
             total += loss.item()
+            diverged[batch.user_idx[~torch.isfinite(out.losses.detach())]] = True
         optimizer.step()
+        diverged |= ~torch.isfinite(new.rows.detach()).all(dim=1)
+        if diverged.any():  # the same guard as training's (TrainingDiverged): stop before anything is kept
+            bar.close()
+            bad = [user_ids[i] if user_ids else f"#{i}" for i in diverged.nonzero().flatten().tolist()]
+            shown = ", ".join(repr(u) for u in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise TrainingDiverged(f"adapt: the loss or row of user(s) {shown} became NaN or infinite at step "
+                                   f"{step + 1} of {steps} (lr {lr:.3g}); nothing was written. Lower --lr")
         losses.append(total / init_rows.shape[0])
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
@@ -266,7 +281,7 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
     try:
         start = time.time()
         rows, losses = fit_rows(run.model, init, pairs, local_idx, pad_id, cfg.beta, steps, lr, batch_pairs,
-                                show_progress)
+                                show_progress, user_ids=new_ids)
         seconds = time.time() - start
         new_table = extend_rows(table, new_ids, rows)
         model = PersonalizedLM(run.model.lm, new_table.to_module(), run.model.prefix_len).eval()
@@ -308,36 +323,47 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
 # ----------------------------------------------------------------------------------------- writing a new run
 
 
-COPY_SKIP = ("checkpoints", ".export-tmp")
+# What an adapted run copies from its source's top level besides the current version (not checkpoints/: they
+# would resume the old run)
+COPY_TOP = ("base", "config.yaml", "metrics.jsonl", "eval.jsonl")
 
 
 def save_adapted_run(source: str | os.PathLike, new_run: LoadedRun, out: str | os.PathLike,
                      report: dict | None = None) -> Path:
-    """A full copy of `source`'s artifacts (checkpoints excepted: they would resume the old run) with the
-    extended user model and registry, built in a temporary folder next to `out` and renamed into place."""
+    """A new run directory `out`: the source's base/ and logs, and as its version v1 the source's current artifacts
+    with the extended user model and registry (and adapt.json). It is built in a temporary folder beside `out`
+    and renamed into place in one step: a kill or a full disk leaves no `out` at all."""
     source, out = Path(source), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: already exists and is not empty; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the run dir gets ordinary permissions
-    try:
-        for entry in source.iterdir():
-            if entry.name in COPY_SKIP or entry.name.endswith(".tmp"):
-                continue
-            if entry.is_dir():
-                shutil.copytree(entry, tmp / entry.name)
-            else:
-                shutil.copy2(entry, tmp / entry.name)
-        write_user_table(tmp, table_from_module(new_run.model.user_model, new_run.registry))
+    run = resolve_run(source)
+    table = table_from_module(new_run.model.user_model, new_run.registry)
+
+    def fill(folder: Path) -> None:
+        copy_artifacts(run, folder, skip=USER_FILES + ("adapt.json",))
+        stage_user_table(folder, table)
         if report is not None:
-            write_json_atomic(tmp / "adapt.json", {"adapted_from": str(source), **report})
+            fault_point("version", "write adapt.json")
+            (folder / "adapt.json").write_text(json.dumps({"adapted_from": str(source), **report}, indent=1) + "\n")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.parent, out.name)
+    try:
+        for name in COPY_TOP:
+            if os.path.lexists(src := run.root / name):
+                (copy_tree if src.is_dir() else copy_file)(src, tmp / name, "version")
+        write_version(tmp, fill, {**run.summary, "n_users": len(new_run.registry)}, written_by="adapt")
+        fsync_tree(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
+        try:
+            rename(tmp, out, "version")
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another process wrote `out` meanwhile
+                raise ConfigError(f"{out}: already exists and is not empty; choose another --out") from None
+            raise
+        fsync_path(out.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp, "cleanup")
         raise
     return out

@@ -5,8 +5,9 @@ individual model, or the K mixture logits w_i of the cluster model. Everything e
 the LM and its adapters) is shared. Row 0 is the generic user. Editing users = editing rows; the shared
 parameters and every other row are copied bitwise, so other users' outputs do not change.
 
-Files edited in place (user_model.safetensors, user_model.json, users.json) are written under temporary names
-first and then `os.replace`d, so a reader sees either the old or the new version of each file.
+A change (delete, import) is a new version of the run (prlhf.model.run_dir): the three user files are written
+with copies of the other artifacts into a new version folder, which run.json then makes current in one atomic
+step, under the run's lock. A kill or a full disk leaves the run at its old version or its new one.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from prlhf.config import TrainConfig, load_config_file
-from prlhf.model.run_dir import RunError, base_location, write_json_atomic
+from prlhf.model.run_dir import (RunError, RunFiles, base_location, copy_artifacts, resolve_run, run_lock,
+                                 write_version)
+from prlhf.safe_io import atomic_write_bytes, atomic_write_json, fault_point, output_file_problem
 from prlhf.users.models import UserModel, user_model_from_config
 from prlhf.users.registry import UserRegistry
 
@@ -31,6 +35,7 @@ from prlhf.users.registry import UserRegistry
 ROW_KEYS = {"individual": "offsets.weight", "cluster": "weights.weight", "lowrank": "vectors.weight"}
 SHARED_KEYS = {"individual": ("generic",), "cluster": ("prototypes",), "lowrank": ("generic", "up")}
 EXPORT_FORMAT = "prlhf-users/1"
+USER_FILES = ("user_model.safetensors", "user_model.json", "users.json")
 
 
 @dataclass
@@ -69,14 +74,15 @@ def require_personalized(kind: str, what: str) -> None:
 
 
 def read_user_table(run_dir: str | os.PathLike) -> UserTable:
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise RunError(f"{run_dir}: not a finished run directory (no run.json)")
-    config = json.loads((run_dir / "user_model.json").read_text())
-    state = load_file(str(run_dir / "user_model.safetensors"))
-    registry = UserRegistry.load(run_dir / "users.json")
+    return _read_table(resolve_run(run_dir))
+
+
+def _read_table(run: RunFiles) -> UserTable:
+    config = json.loads((run.files / "user_model.json").read_text())
+    state = load_file(str(run.files / "user_model.safetensors"))
+    registry = UserRegistry.load(run.files / "users.json")
     if config["num_users"] != len(registry):
-        raise RunError(f"{run_dir}: users.json has {len(registry)} users but the user model has "
+        raise RunError(f"{run.root}: users.json has {len(registry)} users but the user model has "
                        f"{config['num_users']}")
     return UserTable(config, state, registry)
 
@@ -86,24 +92,41 @@ def table_from_module(user_model: UserModel, registry: UserRegistry) -> UserTabl
     return UserTable(user_model.config(), state, registry)
 
 
-def write_user_table(run_dir: str | os.PathLike, table: UserTable) -> None:
-    """Write the three user files of a run: every file to a temporary name first, then os.replace each; then
-    run.json's user count."""
-    run_dir = Path(run_dir)
-    staged = []
-    for name, write in (("user_model.safetensors", lambda p: save_file(table.state, str(p))),
-                        ("user_model.json", lambda p: p.write_text(json.dumps(table.config, indent=1) + "\n")),
-                        ("users.json", lambda p: table.registry.save(p))):
-        tmp = run_dir / f".{name}.tmp"
-        write(tmp)
-        staged.append((tmp, run_dir / name))
-    for tmp, target in staged:
-        os.replace(tmp, target)
-    summary_path = run_dir / "run.json"  # its n_users counts the registry's users: keep it current
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("n_users") != len(table.registry):
-            write_json_atomic(summary_path, {**summary, "n_users": len(table.registry)})
+def stage_user_table(folder: Path, table: UserTable) -> None:
+    """The three user files of a version, into a staging folder (prlhf.model.run_dir.write_version)."""
+    fault_point("version", "write user_model.safetensors")
+    save_file(table.state, str(folder / "user_model.safetensors"))
+    fault_point("version", "write user_model.json")
+    (folder / "user_model.json").write_text(json.dumps(table.config, indent=1) + "\n")
+    fault_point("version", "write users.json")
+    table.registry.save(folder / "users.json")
+
+
+def commit_user_table(run: RunFiles, table: UserTable, written_by: str) -> Path:
+    """A new version of the run: its other artifacts as they are, the user files from `table`; the caller holds
+    run_lock. run.json's n_users follows the registry."""
+    if run.files != run.root and run.version != run.pointer.get("version"):
+        raise RunError(f"{run.files}: an earlier version is read-only; change the run through {run.root}")
+
+    def fill(folder: Path) -> None:
+        copy_artifacts(run, folder, skip=USER_FILES)
+        stage_user_table(folder, table)
+
+    return write_version(run.root, fill, {**run.summary, "n_users": len(table.registry)}, written_by)
+
+
+@contextmanager
+def changing_run(run_dir: str | os.PathLike, what: str) -> Iterator[RunFiles]:
+    """The run's current version, read under the run's lock, which is held until the change is committed."""
+    root = resolve_run(run_dir, verify=False).root
+    with run_lock(root, f"prlhf {what}"):
+        yield resolve_run(run_dir)  # read again under the lock: another writer may have just committed
+
+
+def write_user_table(run_dir: str | os.PathLike, table: UserTable, written_by: str = "users") -> Path:
+    """Replace a run's user model and registry with `table`, as a new version."""
+    with changing_run(run_dir, written_by) as run:
+        return commit_user_table(run, table, written_by)
 
 
 def registry_without(registry: UserRegistry, user_id: str) -> UserRegistry:
@@ -139,14 +162,15 @@ def format_user_list(entries: list[dict]) -> str:
 def delete_user(run_dir: str | os.PathLike, user_id: str) -> None:
     """Drop the user's row and renumber the registry (indices stay 1..N without gaps). The id then maps to the
     generic user; every other user keeps their row, bitwise, at its (possibly lower) new index."""
-    table = read_user_table(run_dir)
-    require_personalized(table.kind, "users delete")
-    if user_id not in table.registry:
-        raise RunError(f"users delete: user {user_id!r} is not in {run_dir} ({len(table.registry)} users; "
-                       f"see `prlhf users list`)")
-    idx = table.registry.index(user_id)
-    rows = torch.cat([table.rows[:idx], table.rows[idx + 1:]])
-    write_user_table(run_dir, table.with_rows(rows, registry_without(table.registry, user_id)))
+    with changing_run(run_dir, "users delete") as run:
+        table = _read_table(run)
+        require_personalized(table.kind, "users delete")
+        if user_id not in table.registry:
+            raise RunError(f"users delete: user {user_id!r} is not in {run_dir} ({len(table.registry)} users; "
+                           f"see `prlhf users list`)")
+        idx = table.registry.index(user_id)
+        rows = torch.cat([table.rows[:idx], table.rows[idx + 1:]])
+        commit_user_table(run, table.with_rows(rows, registry_without(table.registry, user_id)), "users delete")
 
 
 # --------------------------------------------------------------------------------------- export / import
@@ -163,9 +187,10 @@ def base_identity(run_dir: str | os.PathLike) -> dict:
     (the tiny model's RUN_DIR/base, or a local path), a hash of its input embedding matrix."""
     from transformers import AutoModelForCausalLM
 
-    run_dir = Path(run_dir)
-    config = TrainConfig(**load_config_file(TrainConfig, run_dir / "config.yaml"))
-    location = base_location(run_dir, config)
+    run = resolve_run(run_dir)
+    config_path = run.files / "config.yaml" if (run.files / "config.yaml").is_file() else run.root / "config.yaml"
+    config = TrainConfig(**load_config_file(TrainConfig, config_path))
+    location = base_location(run.root, config)
     identity = {"model": config.model, "embedding_sha256": None}
     if Path(location).is_dir():
         base = AutoModelForCausalLM.from_pretrained(location)
@@ -178,9 +203,33 @@ def shape_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "num_users"}
 
 
-def export_users(run_dir: str | os.PathLike, user_ids: Sequence[str], prefix: str | os.PathLike) -> list[Path]:
+def export_paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")
+
+
+def is_user_export(meta_path: Path) -> bool:
+    try:
+        return json.loads(Path(meta_path).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_target(prefix: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse a prefix whose files would replace something that is not an earlier export (unless `overwrite`), a
+    run directory's own file (`--out RUN/users` would be RUN/users.json), a folder or a symlink."""
+    tensor_path, meta_path = export_paths(prefix)
+    for path in (tensor_path, meta_path):
+        if problem := output_file_problem(path, overwrite, lambda _: is_user_export(meta_path)):
+            raise RunError(f"users export: {path} {problem}")
+
+
+def export_users(run_dir: str | os.PathLike, user_ids: Sequence[str], prefix: str | os.PathLike,
+                 overwrite: bool = False) -> list[Path]:
     """Write PREFIX.safetensors (rows, and for the individual model the full embeddings e_i) and PREFIX.json
-    (base identity, user-model kind and shapes, hash of the shared parameters, the ids in row order)."""
+    (base identity, user-model kind and shapes, hash of the shared parameters, the ids in row order, and the
+    sha256 of PREFIX.safetensors, which import checks: the pair is written one file after the other)."""
+    check_export_target(prefix, overwrite)
     table = read_user_table(run_dir)
     require_personalized(table.kind, "users export")
     missing = [u for u in user_ids if u not in table.registry]
@@ -194,15 +243,16 @@ def export_users(run_dir: str | os.PathLike, user_ids: Sequence[str], prefix: st
         module = table.to_module()
         with torch.no_grad():
             tensors["embeddings"] = module(idx).contiguous()  # (n, T_u, d): e_i = e_0 + o_i
+    blob = save(tensors)  # bytes
     meta = {"format": EXPORT_FORMAT, "base": base_identity(run_dir), "user_model": shape_config(table.config),
-            "shared_sha256": shared_hash(table), "users": list(user_ids)}
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = [prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")]
-    save_file(tensors, str(paths[0]) + ".tmp")
-    os.replace(str(paths[0]) + ".tmp", paths[0])
-    write_json_atomic(paths[1], meta)
-    return paths
+            "shared_sha256": shared_hash(table), "users": list(user_ids),
+            "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+    paths = export_paths(prefix)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    check_export_target(prefix, overwrite)  # again: the folder may have been created, or changed, meanwhile
+    atomic_write_bytes(paths[0], blob)
+    atomic_write_json(paths[1], meta)
+    return list(paths)
 
 
 def shared_hash(table: UserTable) -> str:
@@ -216,15 +266,24 @@ def import_users(run_dir: str | os.PathLike, prefix: str | os.PathLike, overwrit
     exporting run's; otherwise individual users keep their full embedding e_i (o_i = e_i - e_0 of this run) and
     cluster users are refused (their weights mean nothing over other prototypes).
     Returns {"added": [...], "replaced": [...], "rebased": bool}."""
-    prefix = Path(prefix)
-    meta_path = prefix.with_name(prefix.name + ".json")
-    tensor_path = prefix.with_name(prefix.name + ".safetensors")
+    tensor_path, meta_path = export_paths(prefix)
     if not meta_path.is_file() or not tensor_path.is_file():
         raise RunError(f"users import: {meta_path} and {tensor_path} are both needed (written by `users export`)")
+    if not is_user_export(meta_path):
+        raise RunError(f"users import: {meta_path}: not a prlhf user export (no format {EXPORT_FORMAT!r})")
     meta = json.loads(meta_path.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise RunError(f"users import: {meta_path}: not a prlhf user export (format {meta.get('format')!r})")
-    table = read_user_table(run_dir)
+    blob = tensor_path.read_bytes()
+    if meta.get("tensors_sha256") not in (None, hashlib.sha256(blob).hexdigest()):  # None: exported before it
+        raise RunError(f"users import: {tensor_path} is not the file {meta_path.name} was written with (export "
+                       "again)")
+    with changing_run(run_dir, "users import") as run:
+        return _import_rows(run, Path(prefix), meta, load(blob), overwrite)
+
+
+def _import_rows(run: RunFiles, prefix: Path, meta: dict, tensors: dict, overwrite: bool) -> dict:
+    run_dir = run.root
+    tensor_path = export_paths(prefix)[0]
+    table = _read_table(run)
     require_personalized(table.kind, "users import")
     want = shape_config(table.config)
     got = meta["user_model"]
@@ -239,7 +298,6 @@ def import_users(run_dir: str | os.PathLike, prefix: str | os.PathLike, overwrit
         what = (f"model {meta['base']['model']!r} vs {base['model']!r}" if meta["base"]["model"] != base["model"]
                 else "same model name but a different input embedding matrix")
         raise RunError(f"users import: {prefix} was exported from another base model than {run_dir} ({what})")
-    tensors = load_file(str(tensor_path))
     rows, ids = tensors["rows"], list(meta["users"])
     if rows.shape[0] != len(ids) or tuple(rows.shape[1:]) != tuple(table.rows.shape[1:]):
         raise RunError(f"users import: {tensor_path}: rows {tuple(rows.shape)} do not fit {len(ids)} users of "
@@ -266,7 +324,7 @@ def import_users(run_dir: str | os.PathLike, prefix: str | os.PathLike, overwrit
             extra.append(row)
     if extra:
         new_rows = torch.cat([new_rows, torch.stack(extra)])
-    write_user_table(run_dir, table.with_rows(new_rows, registry))
+    commit_user_table(run, table.with_rows(new_rows, registry), "users import")
     return {"added": [u for u in ids if u not in existing], "replaced": existing, "rebased": rebased}
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from prlhf.config import ConfigError
 from prlhf.data.schema import PreferenceRecord
+from prlhf.safe_io import atomic_write_text, looks_like_run
 
 
 @dataclass
@@ -33,14 +34,17 @@ class Task:
     def unseen_users(self) -> list[str]:
         return [u for u, info in self.users.items() if not info["seen"]]
 
-    def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+    def write(self, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
         """Write `train.jsonl`, `test.jsonl`, `users.json` (plus `<name>.jsonl` per extra split and
         `record_dimensions.json` when set) into `out_dir`; returns {"train"|"test"|"users"|name: path}.
 
-        Each file is written under a temporary name in the same folder and then `os.replace`d, so a reader
-        never sees a half-written file (the replace is atomic on one filesystem).
+        `out_dir` must be new, empty, or a data folder written here before (its users.json, with the task's
+        "task", "meta" and "users", marks it); `overwrite` allows any other folder, never a run directory.
+        Each file is written under an exclusive temporary name in the same folder and then `os.replace`d, so a
+        reader never sees a half-written file (the replace is atomic on one filesystem).
         """
         out = Path(out_dir)
+        check_data_target(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "users": out / "users.json"}
         write_jsonl(paths["train"], self.train)
@@ -54,6 +58,35 @@ class Task:
         doc = {"task": self.name, "meta": self.meta, "users": self.users}
         _atomic_write(paths["users"], json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         return paths
+
+
+def is_task_folder(folder: Path) -> bool:
+    """A folder `Task.write` wrote: its users.json holds the task document."""
+    try:
+        doc = json.loads((folder / "users.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"task", "meta", "users"} <= set(doc)
+
+
+def data_folder_problem(out: Path, overwrite: bool) -> str | None:
+    """Why `Task.write` must not write into `out` (None: it may)."""
+    if os.path.lexists(out) and not out.is_dir():
+        return "is a file, not a folder; choose another --out"
+    if not out.is_dir() or not any(out.iterdir()) or is_task_folder(out):
+        return None
+    if looks_like_run(out):
+        return "is a run directory; choose another --out (a run is never a data folder)"
+    if not overwrite:
+        return ("already exists and holds files `prlhf data build` did not write; choose another --out, or pass "
+                "--overwrite to write into it")
+    return None
+
+
+def check_data_target(out: Path, overwrite: bool = False) -> None:
+    """A one-line ConfigError when `Task.write` must not write into `out` (callers check before building)."""
+    if problem := data_folder_problem(Path(out), overwrite):
+        raise ConfigError(f"data build: {out} {problem}")
 
 
 def record_to_dict(record: PreferenceRecord) -> dict[str, Any]:
@@ -75,16 +108,9 @@ def write_jsonl(path: Path, records: Sequence[PreferenceRecord]) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        # never leave a stray temp file behind on failure
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if path.is_dir() and not path.is_symlink():
+        raise ConfigError(f"data build: {path} is a folder; choose another --out")
+    atomic_write_text(path, text)  # a symlink planted at `path` is replaced, never followed
 
 
 def assign_poles(

@@ -3,13 +3,15 @@
 Every prompt asks to summarise one short story sentence and comes with two responses on the same topic: a
 one-sentence summary (5-9 words) and a 3-4 sentence retelling (25-40 words). "long" users choose the long
 one, "short" users the short one, so a single shared policy cannot satisfy both groups; the signal (length)
-is visible on the surface and the vocabulary is a few hundred words, so a tiny model can learn it.
+is visible on the surface and the vocabulary is a few hundred words, so a tiny model can learn it. Test stories
+are about subjects and objects that no training story uses (content-disjoint).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tasks.common import Task, assign_poles, make_user_ids, sample_per_user, split_items
@@ -45,6 +47,7 @@ SHORT_TEMPLATES = (
     "The {subject_adj} {subject} {verb} a {object}.",
     "The {subject} {verb} a {object_adj} {object} {place}.",
 )
+HELD_OUT_WORD_FRACTION = 0.25  # subjects and objects that only test stories use
 SHORT_WORDS = (5, 9)
 LONG_WORDS = (25, 40)
 
@@ -77,13 +80,13 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def _random_story(rng: random.Random) -> Story:
+def _random_story(rng: random.Random, subjects: Sequence[str], objects: Sequence[str]) -> Story:
     # optional adjectives/time vary the sentence length (8-12 words) and the prompt space
     return Story(
-        subject=rng.choice(SUBJECTS),
+        subject=rng.choice(subjects),
         subject_adj=rng.choice(SUBJECT_ADJECTIVES) if rng.random() < 0.6 else None,
         verb=rng.choice(VERBS),
-        object=rng.choice(OBJECTS),
+        object=rng.choice(objects),
         object_adj=rng.choice(OBJECT_ADJECTIVES) if rng.random() < 0.6 else None,
         place=rng.choice(PLACES),
         time=rng.choice(TIMES) if rng.random() < 0.6 else None,
@@ -124,11 +127,11 @@ def long_response(story: Story, rng: random.Random) -> str:
     return text
 
 
-def _unique_stories(n: int, rng: random.Random) -> list[Story]:
+def _unique_stories(n: int, rng: random.Random, subjects: Sequence[str], objects: Sequence[str]) -> list[Story]:
     seen: set[str] = set()
     stories: list[Story] = []
-    for _ in range(n * 100):  # the story space is ~10^7, so duplicates are rare
-        story = _random_story(rng)
+    for _ in range(n * 100):  # the story space is ~10^6 even for the held-out words, so duplicates are rare
+        story = _random_story(rng, subjects, objects)
         if story.sentence() not in seen:
             seen.add(story.sentence())
             stories.append(story)
@@ -155,11 +158,19 @@ def build_length_task(
                 test_pairs_per_user=test_pairs_per_user, seed=seed)
     rng = random.Random(seed)
 
+    # Content-disjoint split: test stories are about subjects and objects that no training prompt or response
+    # mentions, so a model must have learned length, not its training stories.
+    train_subjects, test_subjects = split_items(SUBJECTS, HELD_OUT_WORD_FRACTION, rng)
+    train_objects, test_objects = split_items(OBJECTS, HELD_OUT_WORD_FRACTION, rng)
+    n_test = min(max(1, round(test_fraction * n_prompts)), n_prompts - 1)
+    stories = (_unique_stories(n_prompts - n_test, rng, train_subjects, train_objects)
+               + _unique_stories(n_test, rng, test_subjects, test_objects))
     # One fixed (short, long) pair per prompt: users differ only in which side they choose.
-    stories = _unique_stories(n_prompts, rng)
     pairs = {f"Summarize: {s.sentence()}": {"short": short_response(s, rng), "long": long_response(s, rng)}
              for s in stories}
-    train_prompts, test_prompts = split_items(list(pairs), test_fraction, rng)
+    prompts = list(pairs)
+    train_prompts, test_prompts = prompts[:n_prompts - n_test], prompts[n_prompts - n_test:]
+    meta.update(test_subjects=sorted(test_subjects), test_objects=sorted(test_objects))
 
     # Seen and unseen groups are drawn separately so each side gets both poles (when it has >= 2 users).
     users: dict[str, dict] = {}

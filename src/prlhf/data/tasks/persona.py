@@ -12,9 +12,9 @@ affirm it. Per-dimension accuracy in the benchmark makes such noise visible.
 
 Splits:
 - `train.jsonl`: seen users' pairs on the training statements.
-- `test.jsonl` (split **pairs**, the paper's setting): each seen user's held-out pairs on statements that
+- `test.jsonl` (split **statements**, content-disjoint): statements never in training, for seen and unseen users.
+- `test_pairs.jsonl` (split **pairs**, the paper's setting): each seen user's held-out pairs on statements that
   *other* users rated in training, plus unseen users' pairs on training statements.
-- `test_statements.jsonl` (split **statements**): statements never in training, for seen and unseen users.
 """
 
 from __future__ import annotations
@@ -161,8 +161,9 @@ def build_persona_task(
     """Build the persona-users task (see the module docstring); deterministic for a given seed and data.
 
     `statements_per_pole` caps the statements drawn from each trait file (a smaller pool means each statement
-    is rated by more users, which is what split *pairs* relies on). Returns a Task whose `extra` holds the
-    `test_statements` split and whose `record_dimensions` maps each split to its records' dimensions.
+    is rated by more users, which is what split *pairs* relies on). Returns a Task whose `test` is split
+    statements, whose `extra` holds the `test_pairs` split and whose `record_dimensions` maps each split to its
+    records' dimensions.
     """
     dims = resolve_dimensions(dimensions)
     if n_seen_users < 2 or n_unseen_users < 0:
@@ -206,18 +207,18 @@ def build_persona_task(
             train.append(record(uid, train_pool[k]))
             train_dims.append(train_pool[k].dimension)
             rated_by[k].add(uid)
-    test, test_dims = [], []
+    pairs_test, pairs_dims = [], []
     for uid in ids:
         # pairs split: statements other users rated in training, never this user's own training statements
         pool = [k for k, raters in rated_by.items() if uid not in raters]
         for k in rng.sample(sorted(pool), min(test_pairs_per_user, len(pool))):
-            test.append(record(uid, train_pool[k]))
-            test_dims.append(train_pool[k].dimension)
-    statements_test, statements_dims = [], []
+            pairs_test.append(record(uid, train_pool[k]))
+            pairs_dims.append(train_pool[k].dimension)
+    test, test_dims = [], []
     for uid in ids:
         for k in rng.sample(range(len(test_pool)), min(test_pairs_per_user, len(test_pool))):
-            statements_test.append(record(uid, test_pool[k]))
-            statements_dims.append(test_pool[k].dimension)
+            test.append(record(uid, test_pool[k]))
+            test_dims.append(test_pool[k].dimension)
 
     profiles = {info["profile_id"] for u, info in users.items() if info["seen"]}
     meta = {"n_seen_users": n_seen_users, "n_unseen_users": n_unseen_users, "dimensions": dims,
@@ -228,8 +229,8 @@ def build_persona_task(
             "n_train_statements": len(train_pool), "n_test_statements": len(test_pool),
             "n_seen_profiles": len(profiles)}
     task = Task(name="persona", train=train, test=test, users=users, meta=meta)
-    task.extra["test_statements"] = statements_test
-    task.record_dimensions.update(train=train_dims, test=test_dims, test_statements=statements_dims)
+    task.extra["test_pairs"] = pairs_test
+    task.record_dimensions.update(train=train_dims, test=test_dims, test_pairs=pairs_dims)
     return task
 
 

@@ -4,7 +4,8 @@ Each user holds one pole on three opposing dimensions: formality (formal / casua
 and tone (warm / blunt). Each comparison shows two renderings of the same content that differ in exactly one
 dimension; the user chooses the one matching their pole there. Styles are marked on the surface (openers,
 sign-offs, case, contractions, "- " bullet lines, pleasantries vs "That is all."), with a few alternative
-phrasings per marker so a model has to learn the style rather than one string.
+phrasings per marker so a model has to learn the style rather than one string. Test notes are about topics that
+no training prompt or note mentions (content-disjoint).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ DIMENSIONS: dict[str, tuple[str, str]] = {
     "layout": ("bullets", "prose"),
     "tone": ("warm", "blunt"),
 }
-TEST_PROMPT_FRACTION = 0.2  # share of the prompt space reserved for test prompts
+TEST_TOPIC_FRACTION = 0.25  # share of the topics reserved for test prompts (content-disjoint: 3 of 12)
 MAX_FACT_WORDS = 13  # keeps every rendered note at <= 40 words
 
 TOPICS = ("the team meeting", "the budget review", "the office move", "the product launch",
@@ -178,10 +179,10 @@ def _make_pair(prompt: str, topic: str, profile: dict[str, str], rng: random.Ran
     return chosen, rejected
 
 
-def _prompt_space() -> list[tuple[str, str]]:
-    """Every (prompt, topic) combination, in a fixed order (the split shuffles it with the seeded rng)."""
+def _prompt_space(topics: list[str]) -> list[tuple[str, str]]:
+    """Every (prompt, topic) combination for `topics`, in a fixed order."""
     return [(t.format(audience=a, topic=topic), topic)
-            for t in PROMPT_TEMPLATES for a in AUDIENCES for topic in TOPICS]
+            for t in PROMPT_TEMPLATES for a in AUDIENCES for topic in topics]
 
 
 def build_style_task(
@@ -200,10 +201,13 @@ def build_style_task(
         raise ValueError("pairs per user must be >= 0")
     meta = dict(n_seen_users=n_seen_users, n_unseen_users=n_unseen_users, majority_share=majority_share,
                 train_pairs_per_user=train_pairs_per_user, test_pairs_per_user=test_pairs_per_user, seed=seed,
-                with_user_text=with_user_text, test_prompt_fraction=TEST_PROMPT_FRACTION)
+                with_user_text=with_user_text, test_topic_fraction=TEST_TOPIC_FRACTION)
     rng = random.Random(seed)
-    # Prompts (not just records) are split, so test notes are about prompts the model never trained on.
-    train_prompts, test_prompts = split_items(_prompt_space(), TEST_PROMPT_FRACTION, rng)
+    # Topics (not just prompts) are split: every test note is about a topic no training prompt or note
+    # mentions, so a model must have learned the style rather than its training texts.
+    train_topics, test_topics = split_items(list(TOPICS), TEST_TOPIC_FRACTION, rng)
+    train_prompts, test_prompts = _prompt_space(train_topics), _prompt_space(test_topics)
+    meta["test_topics"] = sorted(test_topics)
 
     users: dict[str, dict] = {}
     seen_ids, unseen_ids = make_user_ids("user", n_seen_users), make_user_ids("unseen", n_unseen_users)

@@ -1,0 +1,381 @@
+"""`prlhf bench polis`: the paper's baselines on real Polis participants, scored on statements never in training.
+
+Every trained method goes through `prlhf.train.train` and is scored by per-participant implicit-reward accuracy on
+the held-out statements (`prlhf eval`'s numbers):
+- `vanilla_dpo`: one model for everybody (uniform user model, alpha 0): the consensus;
+- `p_dpo_individual`, `p_dpo_cluster`, `p_dpo_lowrank`: P-DPO with each participant's own user id;
+- `opinion_groups`: P-DPO individual trained with Polis's own opinion group as the user id (the labels' own
+  clustering: an upper reference for a cluster model); each seen participant is scored with their group's row,
+  unseen participants with the generic user. Polis computed the groups from all of a participant's votes, the
+  held-out ones included, so the baseline has seen a summary of the test labels.
+New participants: unseen participants fitted from `adapt_k` pairs on training statements (`adapt_users`, LM and
+known users frozen) and scored on their held-out pairs, against the seen participants' mean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from prlhf.bench.machine import machine_summary
+from prlhf.bench.persona import bench_train_options
+from prlhf.config import TrainConfig
+from prlhf.data.schema import PreferenceRecord
+from prlhf.data.tasks.common import _atomic_write, write_jsonl
+from prlhf.data.tasks.polis import ATTRIBUTION, build_polis_task, to_group_ids
+from prlhf.data.tokenize import encode_records
+from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
+from prlhf.model.run_dir import load_run
+from prlhf.train.loop import train
+from prlhf.train.reference import cached_reference_logps, reference_cache_dir
+from prlhf.users.adapt import adapt_users
+
+logger = logging.getLogger(__name__)
+# The statements of the default conversation are at most 69 tokens with the tiny tokenizer (other conversations'
+# up to about 130); the prompt (topic and question) about 20.
+MAX_PROMPT_LENGTH = 64
+MAX_LENGTH = 192
+DEFAULT_CONVERSATIONS = ("american-assembly.bowling-green",)  # 1,053 seen participants at the full size
+CLUSTERS = 10  # K of the authors' runs on real users (PRISM)
+BOOTSTRAP_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class PolisSize:
+    train_pairs_per_user: int
+    test_pairs_per_user: int
+    epochs: float
+    adapt_users: int  # new participants fitted, drawn from the unseen ones that have adapt_k pairs
+    adapt_k: int  # pairs each new participant is fitted from
+
+
+QUICK = PolisSize(train_pairs_per_user=6, test_pairs_per_user=3, epochs=2, adapt_users=4, adapt_k=4)
+# --quick checks the pipeline on a toy folder: a shorter warm-up keeps it to seconds per method
+QUICK_TINY_TRAIN_DEFAULTS = {"sft_steps": 20}
+FULL = PolisSize(train_pairs_per_user=8, test_pairs_per_user=4, epochs=1, adapt_users=32, adapt_k=10)
+
+# name -> (TrainConfig overrides, train with Polis's group ids as user ids)
+METHODS: dict[str, tuple[dict, bool]] = {
+    "vanilla_dpo": ({"user_model": "uniform", "alpha": 0.0}, False),
+    "p_dpo_individual": ({"user_model": "individual"}, False),
+    "p_dpo_cluster": ({"user_model": "cluster", "clusters": CLUSTERS}, False),
+    "p_dpo_lowrank": ({"user_model": "lowrank"}, False),
+    "opinion_groups": ({"user_model": "individual"}, True),
+}
+ADAPTED_METHOD = "p_dpo_individual"
+
+
+def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
+                    conversations: Sequence[str] | None = None, quick: bool = False, seed: int = 0,
+                    methods: Sequence[str] | None = None, epochs: float | None = None,
+                    train_pairs_per_user: int | None = None, test_pairs_per_user: int | None = None,
+                    adapt_users_n: int | None = None, adapt_k: int | None = None, adapt_steps: int | None = None,
+                    split: str = "test", keep_runs: bool = False, reuse_runs: bool = False,
+                    **train_options) -> dict:
+    """Build the task, train each method, score the held-out statements, fit new participants; writes
+    results.json, report.md and accuracy.png into `out` and returns the results document.
+
+    `conversations`: folder names under `source` (None: DEFAULT_CONVERSATIONS, or every folder with `quick`).
+    `split="validation"` scores a validation split carved from the training statements instead of the test one
+    (for tuning; see prlhf.data.tasks.polis). `train_options` are TrainConfig fields given to every trained
+    method, over bench persona's defaults for the model. `reuse_runs` keeps OUT/work and takes each method that
+    finished there (its scores saved) instead of training it again: a killed benchmark continues."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if quick and model == "tiny":
+        train_options = {**QUICK_TINY_TRAIN_DEFAULTS, **{k: v for k, v in train_options.items() if v is not None}}
+    options = bench_train_options(model, train_options, device)
+    torch.set_num_threads(options["threads"])
+    size = QUICK if quick else FULL
+    size = replace(size, **{k: v for k, v in (("epochs", epochs), ("train_pairs_per_user", train_pairs_per_user),
+                                              ("test_pairs_per_user", test_pairs_per_user),
+                                              ("adapt_users", adapt_users_n), ("adapt_k", adapt_k)) if v})
+    chosen = list(methods or METHODS)
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if conversations is None and not quick:
+        conversations = DEFAULT_CONVERSATIONS
+    task = build_polis_task(source=source, conversations=conversations,
+                            train_pairs_per_user=size.train_pairs_per_user,
+                            test_pairs_per_user=size.test_pairs_per_user,
+                            adapt_pairs_per_user=max(size.adapt_k, size.train_pairs_per_user), split=split, seed=seed)
+    seen = set(task.seen_users)
+    if not seen or not task.test:
+        raise ValueError("no participant has enough votes on both sides of the statement split")
+    as_groups = to_group_ids(task)
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    if not reuse_runs:
+        shutil.rmtree(work, ignore_errors=True)
+    data = {False: work / "data" / "train.jsonl", True: work / "data_groups" / "train.jsonl"}
+    for by_group, path in data.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, as_groups(task.train) if by_group else task.train)
+    base_cfg = TrainConfig(data="", out="", model=model, epochs=size.epochs, seed=seed, report_to="none",
+                           max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, log_steps=20, **options)
+    settings = run_settings(task, size, base_cfg, split, quick)
+
+    results: dict[str, dict] = {}
+    seen_accuracies: dict[str, dict[str, float]] = {}
+    unseen_correct: dict[str, dict[str, list[int]]] = {}
+    new_participants = None
+    for name in chosen:
+        overrides, by_group = METHODS[name]
+        saved = work / "scores" / f"{name}.json"
+        cfg = replace(base_cfg, data=str(data[by_group]), out=str(work / "runs" / name), **overrides)
+        scored = json.loads(saved.read_text()) if reuse_runs and saved.is_file() else {}
+        if scored.get("train_config") == asdict(cfg) and len(scored["margins"]) == len(task.test):
+            logger.info("%s: reusing the scores of the finished run in %s", name, work)
+        else:  # not run yet, or run with other settings
+            scored = train_and_score(name, cfg, task, as_groups if by_group else None, size, seed, adapt_steps,
+                                     device, show_progress=not quick)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(saved, json.dumps(scored) + "\n")
+        margins, summary = torch.tensor(scored["margins"]), scored["summary"]
+        new_participants = scored.get("new_participants") or new_participants
+        ev = per_user_accuracy(task.test, margins, seen)
+        per_user = ev.pop("per_user")
+        seen_accuracies[name] = {u: v["accuracy"] for u, v in per_user.items() if v["seen"]}
+        unseen_correct[name] = {"correct": [int(m > 0) for r, m in zip(task.test, margins.tolist())
+                                            if r.user_id not in seen]}
+        results[name] = {**ev, "n_seen_users": len(seen_accuracies[name]),
+                         "n_unseen_users": sum(1 for v in per_user.values() if not v["seen"]),
+                         "per_conversation_accuracy": per_conversation(seen_accuracies[name]),
+                         "train_seconds": round(summary["train_seconds"], 1), "steps": summary.get("steps"),
+                         "wall_seconds": scored["wall_seconds"],
+                         "config": {**overrides, "user_ids": "opinion group" if by_group else "participant"}}
+        print(f"{name}: mean seen-participant accuracy {ev['mean_user_accuracy']:.3f}, unseen "
+              f"{_f(ev['unseen_accuracy'])}; train {summary['train_seconds']:.0f} s", flush=True)
+        doc = results_document(results, settings, seen_accuracies, unseen_correct, new_participants, seed)
+        write_outputs(out, doc, plots=False)  # after each method: a killed run keeps what finished
+    doc = results_document(results, settings, seen_accuracies, unseen_correct, new_participants, seed)
+    write_outputs(out, doc, plots=True)
+    if not keep_runs:  # data derived from the Polis files stays out of the results folder
+        shutil.rmtree(work, ignore_errors=True)
+    return doc
+
+
+def train_and_score(name: str, cfg: TrainConfig, task, as_groups, size: PolisSize, seed: int,
+                    adapt_steps: int | None, device: str, show_progress: bool) -> dict:
+    """Train one method, score the held-out pairs (and fit the new participants on the adapted method): the JSON
+    a finished method leaves in OUT/work/scores."""
+    start = time.time()
+    shutil.rmtree(cfg.out, ignore_errors=True)  # an unfinished run of a killed benchmark starts over
+    summary = train(cfg, show_progress=show_progress)
+    run = load_run(cfg.out, device=device)
+    margins = score_margins(run, task.test, as_groups or (lambda records: records))
+    new_participants = None
+    if name == ADAPTED_METHOD and size.adapt_users > 0:
+        new_participants = fit_new_participants(run, task, size, seed, adapt_steps)
+    return {"margins": margins.tolist(), "summary": summary, "new_participants": new_participants,
+            "wall_seconds": round(time.time() - start, 1), "train_config": asdict(cfg)}
+
+
+def score_margins(run, records: Sequence[PreferenceRecord],
+                  as_trained: Callable[[list[PreferenceRecord]], list[PreferenceRecord]]) -> torch.Tensor:
+    """(N,) implicit-reward margins of `records`, each under the user id the run was trained with (`as_trained`);
+    the base is shared across methods (same data and seed), so its log-probs come from the on-disk cache after the
+    first method."""
+    cfg = run.config
+    pairs = encode_records(as_trained(list(records)), run.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                           cfg.use_user_text)
+    reference = cached_reference_logps(run.model, pairs, run.tokenizer.pad_token_id,
+                                       reference_cache_dir(cfg.reference_cache), show_progress=False)
+    return implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id, reference=reference)
+
+
+def per_conversation(accuracies: dict[str, float]) -> dict[str, float]:
+    """Mean participant accuracy per conversation (user ids are `<conversation>/<participant>`)."""
+    by_conv = defaultdict(list)
+    for uid, acc in accuracies.items():
+        by_conv[uid.rsplit("/", 1)[0]].append(acc)
+    return {c: statistics.mean(v) for c, v in sorted(by_conv.items())}
+
+
+def fit_new_participants(run, task, size: PolisSize, seed: int, steps: int | None) -> dict:
+    """Fit `size.adapt_users` unseen participants from `size.adapt_k` of their pairs on training statements each;
+    score them on their held-out pairs (before: the generic user; after: their fitted row)."""
+    by_user = defaultdict(list)
+    for r in task.extra["adapt"]:
+        by_user[r.user_id].append(r)
+    candidates = sorted(u for u, recs in by_user.items() if len(recs) >= size.adapt_k)
+    rng = random.Random(f"{seed}:new-participants")
+    rng.shuffle(candidates)
+    picked = sorted(candidates[:size.adapt_users])
+    if not picked:
+        return {"n_users": 0, "k": size.adapt_k, "note": f"no unseen participant has {size.adapt_k} pairs"}
+    fit = [r for u in picked for r in rng.sample(by_user[u], size.adapt_k)]
+    held = [r for r in task.test if r.user_id in set(picked)]
+    kwargs = {"steps": steps} if steps else {}
+    start = time.time()
+    _, report = adapt_users(run, fit, eval_records=held, show_progress=False, **kwargs)
+    return {"n_users": len(picked), "k": size.adapt_k, "n_candidates": len(candidates),
+            "n_eval_pairs": len(held), "steps": report["steps"], "lr": report["lr"],
+            "mean_before": report["mean_before"], "mean_after": report["mean_after"],
+            "after_per_user": {u: report["users"][u]["after"] for u in picked},
+            "seconds": round(time.time() - start, 1), "seconds_per_user": report["seconds_per_user"]}
+
+
+def bootstrap_mean_diff(a: Sequence[float], b: Sequence[float], seed: int,
+                        samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float, float]:
+    """(mean of a - b, its 2.5% and 97.5% bootstrap quantiles), paired: a[i] and b[i] are one item (a participant,
+    a pair) under two methods, and items are resampled with replacement."""
+    x = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # (N,)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(x), (samples, len(x)), generator=gen)  # (S, N)
+    means = x[idx].mean(1)
+    return float(x.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def targets(results: dict, seen_accuracies: dict, unseen_correct: dict, new_participants: dict | None,
+            seed: int) -> dict:
+    """The issue's targets, each with the measured figure (and a bootstrap 95% interval where it is a difference):
+    individual >= vanilla + 0.03 and >= opinion groups (paired over seen participants), unseen no worse than
+    vanilla (paired over unseen pairs), new participants from k pairs >= 0.9 x the seen mean."""
+    out = {}
+    ind = seen_accuracies.get("p_dpo_individual")
+
+    def paired(other: str) -> tuple[float, float, float] | None:
+        if ind is None or other not in seen_accuracies:
+            return None
+        users = sorted(ind)
+        return bootstrap_mean_diff([ind[u] for u in users], [seen_accuracies[other][u] for u in users], seed)
+
+    if (d := paired("vanilla_dpo")) is not None:
+        out["individual_minus_vanilla"] = {"value": d[0], "ci95": [d[1], d[2]], "target": ">= 0.03",
+                                           "met": d[0] >= 0.03}
+    if (d := paired("opinion_groups")) is not None:
+        out["individual_minus_opinion_groups"] = {"value": d[0], "ci95": [d[1], d[2]], "target": ">= 0",
+                                                  "met": d[0] >= 0}
+    if "p_dpo_individual" in unseen_correct and "vanilla_dpo" in unseen_correct:
+        a, b = unseen_correct["p_dpo_individual"]["correct"], unseen_correct["vanilla_dpo"]["correct"]
+        if a:
+            d = bootstrap_mean_diff(a, b, seed)
+            out["unseen_individual_minus_vanilla"] = {"value": d[0], "ci95": [d[1], d[2]],
+                                                      "target": ">= 0 (no worse)", "met": d[0] >= 0}
+    if new_participants and new_participants.get("n_users") and ind is not None:
+        seen_mean = results["p_dpo_individual"]["mean_user_accuracy"]
+        ratio = new_participants["mean_after"] / seen_mean
+        out["new_participants_over_seen_mean"] = {"value": ratio, "k": new_participants["k"],
+                                                  "target": ">= 0.9", "met": ratio >= 0.9}
+    return out
+
+
+def results_document(results: dict, settings: dict, seen_accuracies: dict, unseen_correct: dict,
+                     new_participants: dict | None, seed: int) -> dict:
+    return {"task": "polis", "model": settings["model"], "methods": results, **settings,
+            "new_participants": new_participants,
+            "targets": targets(results, seen_accuracies, unseen_correct, new_participants, seed),
+            "accuracy_histograms": {m: histogram(list(a.values())) for m, a in seen_accuracies.items()}}
+
+
+def histogram(values: Sequence[float], bins: int = 10) -> list[int]:
+    """Counts of per-participant accuracies in [0, 0.1), ..., [0.9, 1.0] (1.0 in the last bin)."""
+    counts = [0] * bins
+    for v in values:
+        counts[min(int(v * bins), bins - 1)] += 1
+    return counts
+
+
+def run_settings(task, size: PolisSize, cfg: TrainConfig, split: str, quick: bool) -> dict:
+    """What every results file records besides the numbers."""
+    m = task.meta
+    return {"split": "statements" if split == "test" else "validation statements",
+            "n_users": m["n_seen"], "n_unseen_users": m["n_unseen"], "n_train_pairs": len(task.train),
+            "n_test_pairs": len(task.test), "epochs": size.epochs, "batch_size": cfg.batch_size * cfg.grad_accum,
+            "grad_accum": cfg.grad_accum, "user_tokens": cfg.user_tokens, "threads": cfg.threads,
+            "lr": cfg.resolved_lr(), "user_lr": cfg.resolved_user_lr(), "user_code_lr": cfg.resolved_user_code_lr(),
+            "sft_steps": cfg.resolved_sft_steps(), "beta": cfg.beta, "alpha": cfg.alpha, "seed": cfg.seed,
+            "model": cfg.model, "mixed_precision": cfg.mixed_precision, "max_length": cfg.max_length,
+            "max_prompt_length": cfg.max_prompt_length, "quick": quick, "machine": machine_summary(),
+            "data": {k: m[k] for k in ("source", "conversations", "train_pairs_per_user", "test_pairs_per_user",
+                                       "min_train_votes", "min_test_votes", "test_statement_fraction",
+                                       "unseen_fraction", "split", "per_conversation")},
+            "attribution": ATTRIBUTION}
+
+
+def write_outputs(out: Path, doc: dict, plots: bool) -> None:
+    _atomic_write(out / "results.json", json.dumps(doc, indent=1) + "\n")
+    _atomic_write(out / "report.md", render_report(doc))
+    if plots:
+        plot_results(doc, out / "accuracy.png")
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def render_report(doc: dict) -> str:
+    convs = doc["data"]["per_conversation"]
+    lines = [f"# Polis benchmark ({doc['model']}, split: {doc['split']})", "",
+             f"{doc['n_users']} seen + {doc['n_unseen_users']} unseen participants in {len(convs)} conversation(s) "
+             f"({', '.join(convs)}); {doc['n_train_pairs']} training pairs (at most "
+             f"{doc['data']['train_pairs_per_user']} per participant), {doc['n_test_pairs']} held-out pairs (at most "
+             f"{doc['data']['test_pairs_per_user']} per participant) on statements that occur in no training record. "
+             f"{doc['epochs']} epoch(s) of {doc['batch_size']} pairs per step, learning rate {doc['lr']:g} (adapters) "
+             f"/ {doc['user_lr']:g} (user model; cluster logits / low-rank vectors {doc['user_code_lr']:g}), "
+             f"{doc['user_tokens']} user tokens, supervised warm-up {doc['sft_steps']} steps, seed {doc['seed']}, "
+             f"{doc['threads']} thread(s). Machine: {doc['machine']}.", "",
+             "| method | mean seen-participant acc | worst seen | unseen participants (pooled) | pooled acc | "
+             "train s |", "|---|---|---|---|---|---|"]
+    for name, r in doc["methods"].items():
+        lines.append(f"| {name} | {_f(r['mean_user_accuracy'])} | {_f(r['worst_user_accuracy'])} | "
+                     f"{_f(r['unseen_accuracy'])} | {_f(r['accuracy'])} | {r['train_seconds']:.0f} |")
+    lines.append("")
+    new = doc.get("new_participants")
+    if new and new.get("n_users"):
+        lines += [f"New participants ({ADAPTED_METHOD} run): {new['n_users']} unseen participants fitted from "
+                  f"{new['k']} pairs each on training statements ({new['steps']} steps, lr {new['lr']:g}), scored on "
+                  f"their {new['n_eval_pairs']} held-out pairs: mean {new['mean_before']:.3f} with the generic user, "
+                  f"{new['mean_after']:.3f} fitted ({new['seconds_per_user']:.2f} s per participant).", ""]
+    if doc["targets"]:
+        lines += ["| target | measured | 95% bootstrap interval | met |", "|---|---|---|---|"]
+        for name, t in doc["targets"].items():
+            ci = f"[{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}]" if "ci95" in t else "-"
+            lines.append(f"| {name} {t['target']} | {t['value']:+.3f} | {ci} | {'yes' if t['met'] else 'no'} |")
+        lines.append("")
+    lines += [f"Data: {doc['attribution']}", ""]
+    return "\n".join(lines)
+
+
+def plot_results(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(12, 4))
+    names = list(doc["methods"])
+    for i, (key, label) in enumerate((("mean_user_accuracy", "mean seen participant"),
+                                      ("unseen_accuracy", "unseen participants (generic user)"))):
+        ys = [doc["methods"][m][key] or 0.0 for m in names]
+        ax.bar([x + (i - 0.5) * 0.4 for x in range(len(names))], ys, 0.4, label=label)
+    new = doc.get("new_participants")
+    if new and new.get("n_users"):
+        ax.axhline(new["mean_after"], color="C2", ls="--", lw=1,
+                   label=f"new participants, {new['k']} pairs ({new['mean_after']:.3f})")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylim(0.3, 1.0)
+    ax.set_ylabel("held-out accuracy (statements never in training)")
+    ax.legend(fontsize=7)
+    edges = [i / 10 for i in range(10)]
+    for name, counts in doc["accuracy_histograms"].items():
+        hx.plot([e + 0.05 for e in edges], counts, marker="o", label=name)
+    hx.set_xlabel("per-participant accuracy (bin centre)")
+    hx.set_ylabel("seen participants")
+    hx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
