@@ -248,12 +248,21 @@ def test_real_data_has_1000_seen_participants() -> None:
 
 
 @pytest.mark.slow
-def test_bench_polis_quick_writes_results(source, tmp_path) -> None:
+def test_bench_polis_quick_writes_results(source, tmp_path, monkeypatch) -> None:
+    """The documented files and schema; then --reuse-runs takes every finished method instead of training it."""
     out = tmp_path / "bench"
-    code = main(["bench", "polis", "--quick", "--source", str(source), "--out", str(out), "--threads", "1",
-                 "--epochs", "1"])
-    assert code == 0
+    args = ["bench", "polis", "--quick", "--source", str(source), "--out", str(out), "--threads", "1", "--epochs", "1"]
+    assert main(args + ["--keep-runs"]) == 0
+    assert (out / "work" / "scores" / "new_participants.json").is_file()
+    first = json.loads((out / "results.json").read_text())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished method was trained again")
+
+    monkeypatch.setattr(polis_bench, "train", no_training)
+    assert main(args + ["--reuse-runs"]) == 0
     doc = json.loads((out / "results.json").read_text())
+    assert doc["methods"] == first["methods"] and doc["new_participants"] == first["new_participants"]
     assert doc["task"] == "polis" and doc["model"] == "tiny" and doc["split"] == "statements"
     assert list(doc["methods"]) == list(polis_bench.METHODS)
     for r in doc["methods"].values():

@@ -21,7 +21,7 @@ from prlhf.evaluate.scoring import RewardFunction, best_of_n, score_responses
 from prlhf.losses import bradley_terry_loss, p_rm_loss
 from prlhf.model.loading import add_lora, ensure_pad_token
 from prlhf.model.reward import PersonalizedRewardModel
-from prlhf.model.run_dir import RunError, load_run
+from prlhf.model.run_dir import RunError, current_version, load_run
 from prlhf.train.loop import train
 from prlhf.users.models import build_user_model
 
@@ -104,7 +104,7 @@ def policy_run(style_dir, tmp_path_factory) -> Path:
 
 
 def test_rm_run_round_trips(rm_run, style_dir):
-    assert (rm_run / "value_head.safetensors").is_file()
+    assert (current_version(rm_run) / "value_head.safetensors").is_file()  # in the current version folder
     assert json.loads((rm_run / "run.json").read_text())["objective"] == "rm"
     # a reward model's outputs are rewards: logged under rewards/*, not as log-probs
     rows = [json.loads(line) for line in (rm_run / "metrics.jsonl").read_text().splitlines()]

@@ -132,18 +132,28 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
     new_participants = None
     for name in chosen:
         overrides, by_group = METHODS[name]
-        saved = work / "scores" / f"{name}.json"
         cfg = replace(base_cfg, data=str(data[by_group]), out=str(work / "runs" / name), **overrides)
-        scored = json.loads(saved.read_text()) if reuse_runs and saved.is_file() else {}
-        if scored.get("train_config") == asdict(cfg) and len(scored["margins"]) == len(task.test):
-            logger.info("%s: reusing the scores of the finished run in %s", name, work)
-        else:  # not run yet, or run with other settings
-            scored = train_and_score(name, cfg, task, as_groups if by_group else None, size, seed, adapt_steps,
-                                     device, show_progress=not quick)
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(saved, json.dumps(scored) + "\n")
+        key = {"train_config": asdict(cfg), "n_test_pairs": len(task.test)}  # what a saved score must match
+        scored = load_saved(work / "scores" / f"{name}.json", key) if reuse_runs else None
+        run = None
+        if scored is None:
+            start = time.time()
+            run, summary, reused = trained_run(cfg, device, reuse_runs, show_progress=not quick)
+            margins = score_margins(run, task.test, as_groups if by_group else (lambda records: records))
+            # a reused run's wall time is its scoring only; its training time is in the summary
+            scored = {**key, "margins": margins.tolist(), "summary": summary, "reused_run": reused,
+                      "wall_seconds": round(time.time() - start, 1)}
+            save(work / "scores" / f"{name}.json", scored)
+        if name == ADAPTED_METHOD and size.adapt_users > 0:
+            adapt_key = {**key, "size": asdict(size), "adapt_steps": adapt_steps, "seed": seed}
+            saved = work / "scores" / "new_participants.json"
+            fitted = load_saved(saved, adapt_key) if reuse_runs else None
+            if fitted is None:
+                run = run or load_run(cfg.out, device=device)
+                fitted = {**adapt_key, "result": fit_new_participants(run, task, size, seed, adapt_steps)}
+                save(saved, fitted)
+            new_participants = fitted["result"]
         margins, summary = torch.tensor(scored["margins"]), scored["summary"]
-        new_participants = scored.get("new_participants") or new_participants
         ev = per_user_accuracy(task.test, margins, seen)
         per_user = ev.pop("per_user")
         seen_accuracies[name] = {u: v["accuracy"] for u, v in per_user.items() if v["seen"]}
@@ -153,7 +163,7 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
                          "n_unseen_users": sum(1 for v in per_user.values() if not v["seen"]),
                          "per_conversation_accuracy": per_conversation(seen_accuracies[name]),
                          "train_seconds": round(summary["train_seconds"], 1), "steps": summary.get("steps"),
-                         "wall_seconds": scored["wall_seconds"],
+                         "wall_seconds": scored["wall_seconds"], "reused_run": scored.get("reused_run", False),
                          "config": {**overrides, "user_ids": "opinion group" if by_group else "participant"}}
         print(f"{name}: mean seen-participant accuracy {ev['mean_user_accuracy']:.3f}, unseen "
               f"{_f(ev['unseen_accuracy'])}; train {summary['train_seconds']:.0f} s", flush=True)
@@ -166,20 +176,34 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
     return doc
 
 
-def train_and_score(name: str, cfg: TrainConfig, task, as_groups, size: PolisSize, seed: int,
-                    adapt_steps: int | None, device: str, show_progress: bool) -> dict:
-    """Train one method, score the held-out pairs (and fit the new participants on the adapted method): the JSON
-    a finished method leaves in OUT/work/scores."""
-    start = time.time()
-    shutil.rmtree(cfg.out, ignore_errors=True)  # an unfinished run of a killed benchmark starts over
+def load_saved(path: Path, key: dict) -> dict | None:
+    """A result a killed benchmark left in OUT/work/scores, if it was computed with the same settings (`key`)."""
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if any(doc.get(k) != v for k, v in json.loads(json.dumps(key)).items()):  # compared as JSON: tuples are lists
+        return None
+    logger.info("reusing %s", path)
+    return doc
+
+
+def save(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(doc) + "\n")
+
+
+def trained_run(cfg: TrainConfig, device: str, reuse: bool, show_progress: bool):
+    """(loaded run, train summary, reused?): a finished run in cfg.out trained with the same config when `reuse`,
+    else a new one (an unfinished run of a killed benchmark starts over)."""
+    run_json = Path(cfg.out) / "run.json"
+    if reuse and run_json.is_file():
+        run = load_run(cfg.out, device=device)
+        if asdict(run.config) == asdict(cfg):
+            logger.info("reusing the finished run %s", cfg.out)
+            return run, json.loads(run_json.read_text()), True
+    shutil.rmtree(cfg.out, ignore_errors=True)
     summary = train(cfg, show_progress=show_progress)
-    run = load_run(cfg.out, device=device)
-    margins = score_margins(run, task.test, as_groups or (lambda records: records))
-    new_participants = None
-    if name == ADAPTED_METHOD and size.adapt_users > 0:
-        new_participants = fit_new_participants(run, task, size, seed, adapt_steps)
-    return {"margins": margins.tolist(), "summary": summary, "new_participants": new_participants,
-            "wall_seconds": round(time.time() - start, 1), "train_config": asdict(cfg)}
+    return load_run(cfg.out, device=device), summary, False
 
 
 def score_margins(run, records: Sequence[PreferenceRecord],

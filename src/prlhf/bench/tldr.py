@@ -44,12 +44,14 @@ from prlhf.users.adapt import adapt_users
 logger = logging.getLogger(__name__)
 
 # name -> TrainConfig overrides; the user-blind models put all weight on the generic term (alpha 0)
+# (in the order they run: each personalized model right after its user-blind counterpart, so that a run cut short
+# still has a comparison)
 METHODS: dict[str, dict] = {
     "vanilla_dpo": {"user_model": "uniform", "alpha": 0.0},
     "p_dpo_individual": {"user_model": "individual"},
-    "p_dpo_cluster": {"user_model": "cluster"},
-    "p_rm_individual": {"objective": "rm", "user_model": "individual"},
     "rm_uniform": {"objective": "rm", "user_model": "uniform", "alpha": 0.0},
+    "p_rm_individual": {"objective": "rm", "user_model": "individual"},
+    "p_dpo_cluster": {"user_model": "cluster"},
 }
 # personalized method -> its user-blind counterpart
 COUNTERPARTS = {"p_dpo_individual": "vanilla_dpo", "p_dpo_cluster": "vanilla_dpo", "p_rm_individual": "rm_uniform"}

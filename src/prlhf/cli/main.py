@@ -393,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--source", help="folder of comparison files (default ../shared/data/summarize-from-feedback)")
     tl.add_argument("--out", required=True, help="results folder")
     tl.add_argument("--quick", action="store_true", help="small sizes: checks the pipeline end to end")
-    tl.add_argument("--methods", help="comma-separated subset of: vanilla_dpo, p_dpo_individual, p_dpo_cluster, "
-                                      "p_rm_individual, rm_uniform (default: all)")
+    tl.add_argument("--methods", help="comma-separated subset of: vanilla_dpo, p_dpo_individual, rm_uniform, "
+                                      "p_rm_individual, p_dpo_cluster (default: all, in this order)")
     tl.add_argument("--users", type=int, help="seen labelers, drawn by seed (default: all that are not unseen)")
     tl.add_argument("--unseen", type=int, help="unseen labelers, drawn from the half with fewest comparisons "
                                                "(default 6)")
