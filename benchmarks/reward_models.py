@@ -47,9 +47,10 @@ def compare(task, work: Path, threads: int, seed: int, clusters: int) -> tuple[d
         start = time.time()
         extra = {"clusters": clusters} if overrides["user_model"] == "cluster" else {}
         base = bases.get(overrides["objective"])  # each objective's default warm-up differs (TINY_SFT_STEPS)
-        # lr given explicitly: once `model` is the saved base folder, the tiny defaults no longer apply
+        # lr and epochs given explicitly: once `model` is the saved base folder, the tiny defaults no longer apply
+        epochs = TrainConfig(model="tiny", objective=overrides["objective"]).resolved_epochs()
         train(TrainConfig(data=str(paths["train"]), out=str(run_dir), model=base or "tiny", seed=seed, lr=TINY_LR,
-                          sft_steps=-1 if base is None else 0, threads=threads, report_to="none",
+                          epochs=epochs, sft_steps=-1 if base is None else 0, threads=threads, report_to="none",
                           **overrides, **extra), show_progress=False)
         bases.setdefault(overrides["objective"], str(run_dir / "base"))  # one warmed-up base per objective
         runs[name] = load_run(run_dir)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tiny model's supervised warm-up against held-out content: the style task (test topics never in training),
 # P-DPO individual and P-RM individual trained with each warm-up length, scored on test.jsonl and on train.jsonl.
-#   bash benchmarks/warmup_probe.sh [WORK_DIR]   (each run is about a minute alone on 2 cores)
+#   bash benchmarks/warmup_probe.sh [WORK_DIR]   (each run is one to three minutes alone on 2 cores)
 set -euo pipefail
 work=${1:-/tmp/prlhf_warmup_probe}
 mkdir -p "$work"
@@ -25,8 +25,22 @@ run dpo_sft100 0 --sft-steps 100
 run dpo_sft0 0 --sft-steps 0
 run dpo_sft100 1 --sft-steps 100
 run dpo_sft0 1 --sft-steps 0
-run rm_sft300 0 --objective rm --sft-steps 300
-run rm_sft100 0 --objective rm --sft-steps 100
-run rm_sft0 0 --objective rm --sft-steps 0
-run rm_sft300 1 --objective rm --sft-steps 300
-run rm_sft0 1 --objective rm --sft-steps 0
+# the reward model: first with the 3 epochs that were its default, then the pooled readout and more passes
+run rm_sft300 0 --objective rm --sft-steps 300 --epochs 3
+run rm_sft100 0 --objective rm --sft-steps 100 --epochs 3
+run rm_sft0 0 --objective rm --sft-steps 0 --epochs 3
+run rm_sft300 1 --objective rm --sft-steps 300 --epochs 3
+run rm_sft0 1 --objective rm --sft-steps 0 --epochs 3
+run rm_mean_sft0 0 --objective rm --reward-pool mean --sft-steps 0 --epochs 3
+run rm_mean_sft0 1 --objective rm --reward-pool mean --sft-steps 0 --epochs 3
+run rm_mean_sft300 0 --objective rm --reward-pool mean --sft-steps 300 --epochs 3
+run rm_mean_sft300 1 --objective rm --reward-pool mean --sft-steps 300 --epochs 3
+run rm_mean_sft0_ep6 0 --objective rm --reward-pool mean --sft-steps 0 --epochs 6
+run rm_mean_sft0_ep6 1 --objective rm --reward-pool mean --sft-steps 0 --epochs 6
+run rm_mean_sft0_lr3e-3 0 --objective rm --reward-pool mean --sft-steps 0 --epochs 3 --lr 3e-3
+run rm_sft0_ep6 0 --objective rm --sft-steps 0 --epochs 6
+run rm_sft0_ep6 1 --objective rm --sft-steps 0 --epochs 6
+run rm_sft0_ep6_user_lr1e-2 1 --objective rm --sft-steps 0 --epochs 6 --user-lr 0.01
+# seed 2: built after the choice, to check it (the old default against the new one, which is plain --objective rm)
+run rm_sft300 2 --objective rm --sft-steps 300 --epochs 3
+run rm_default 2 --objective rm

@@ -65,7 +65,12 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(task_dir, tmp_
     assert_same_weights(tmp_path / "A", b_dir)
     rows = [json.loads(line) for line in (b_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4, 6]  # step 4 was logged before the kill, and only once
-    assert metric_rows(tmp_path / "A") == metric_rows(b_dir)
+    # the same rows; values up to float32 noise (a resumed step sums in another order: measured 1.7e-7 relative on
+    # the loss, 7.5e-9 on the weights, on the 2-core machine of 2026-12-02; 0 on the one before)
+    uninterrupted, resumed = metric_rows(tmp_path / "A"), metric_rows(b_dir)
+    assert [sorted(r) for r in uninterrupted] == [sorted(r) for r in resumed]
+    for a, b in zip(uninterrupted, resumed):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), a["step"]
 
 
 def test_resume_never_unpickles_code(task_dir, tmp_path, monkeypatch):

@@ -228,6 +228,13 @@ def test_cli_data_build(source, tmp_path, capsys) -> None:
     assert main(["data", "build", "polis", "--source", str(source), "--out", str(tmp_path / "x"), "--users",
                  "3"]) == 2
     assert "not for real participants: --users" in capsys.readouterr().err
+    votes = tmp_path / "votes"
+    assert main(["data", "build", "polis", "--source", str(source), "--out", str(votes), "--held-out", "votes"]) == 0
+    assert json.loads((votes / "users.json").read_text())["meta"]["held_out"] == "votes"
+    for flag, value in (("--held-out", "votes"), ("--split", "validation"), ("--conversations", "conv-a")):
+        assert main(["data", "build", "style", "--out", str(tmp_path / "style"), flag, value]) == 2
+        assert f"{flag} only apply to polis" in capsys.readouterr().err  # not silently ignored
+    assert not (tmp_path / "style").exists()
     bad = write_conversation(tmp_path / "broken" / "conv", "T", 0)
     (bad / "comments.csv").write_text("comment-id,moderated\n1,1\n", encoding="utf-8")
     assert main(["data", "build", "polis", "--source", str(bad.parent), "--out", str(tmp_path / "y")]) == 2
@@ -278,3 +285,21 @@ def test_bench_polis_quick_writes_results(source, tmp_path, monkeypatch) -> None
     assert doc["attribution"] == ATTRIBUTION
     assert (out / "report.md").is_file() and (out / "accuracy.png").is_file()
     assert not (out / "work").exists()  # no data derived from the Polis files stays behind
+
+
+def test_held_out_votes_splits_each_participants_own_statements(source, task) -> None:
+    votes = build_polis_task(source=source, **CAPS, held_out="votes", seed=0)
+    assert votes.meta["held_out"] == "votes" and task.meta["held_out"] == "statements"
+    by_user = defaultdict(lambda: (set(), set()))
+    for side, records in ((0, votes.train + votes.extra["adapt"]), (1, votes.test)):
+        for r in records:
+            by_user[r.user_id][side].update({r.chosen.strip(), r.rejected.strip()})
+    assert votes.test and all(not train & test for train, test in by_user.values())  # never voted on in training
+    trained = statements_of(votes.train)
+    assert statements_of(votes.test) & trained  # ... but other participants' training uses them: not disjoint
+    val = build_polis_task(source=source, **CAPS, held_out="votes", split="validation", seed=0)
+    for r in val.train + val.test:  # a participant's validation and training pairs avoid their test statements
+        test_side = by_user[r.user_id][1]
+        assert r.chosen.strip() not in test_side and r.rejected.strip() not in test_side
+    with pytest.raises(ValueError, match="held_out"):
+        build_polis_task(source=source, held_out="nope")

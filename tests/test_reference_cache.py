@@ -57,3 +57,16 @@ def test_cache_off_always_computes(tmp_path, tiny_tokenizer):
     chosen, rejected = cached_reference_logps(model, pairs, tiny_tokenizer.pad_token_id, None, show_progress=False)
     assert chosen.shape == rejected.shape == (2,)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_cache_is_computed_again_and_replaced(tmp_path, tiny_tokenizer):
+    model = make_model(tiny_tokenizer)
+    pairs = encode_records(RECORDS, tiny_tokenizer)
+    first = cached_reference_logps(model, pairs, tiny_tokenizer.pad_token_id, tmp_path, show_progress=False)
+    (path,) = tmp_path.glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:20])  # cut short, as by a full disk
+    again = cached_reference_logps(model, pairs, tiny_tokenizer.pad_token_id, tmp_path, show_progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # replaced, no temporary file left
+    assert reference._read_cache(path, len(pairs)) is not None
+    assert reference._read_cache(path, len(pairs) + 1) is None  # the wrong size is not trusted either

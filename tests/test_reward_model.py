@@ -80,6 +80,34 @@ def test_reward_reads_the_last_real_token_whatever_the_padding(arch, tiny_tokeni
     assert any(p.grad is not None for p in rm.user_model.parameters())
 
 
+def test_mean_pool_reads_the_mean_over_the_response_tokens(tiny_tokenizer):
+    base = tiny_architecture("llama", tiny_tokenizer)
+    ensure_pad_token(tiny_tokenizer, base)
+    d = base.get_input_embeddings().weight.shape[1]
+    users = build_user_model("individual", 2, 2, d, input_embeddings=base.get_input_embeddings().weight, seed=0)
+    rm = PersonalizedRewardModel(add_lora(base, r=4, alpha=8, dropout=0.0), users, int(adds_bos(tiny_tokenizer)),
+                                 d, pool="mean").eval()
+    from prlhf.data.schema import PreferenceRecord
+
+    recs = [PreferenceRecord("a", "The cat.", "hello there", "The quiet cat carried a map behind the school.")]
+    batch = collate_pairs(encode_records(recs, tiny_tokenizer), torch.tensor([1]), torch.tensor([0]),
+                          tiny_tokenizer.pad_token_id)
+    user_idx = batch.user_idx.repeat(2)
+    with torch.no_grad():
+        rewards = rm(batch.input_ids, batch.attention_mask, batch.labels, user_idx)
+        embeds, mask, labels = rm.insert_user_tokens(batch.input_ids, batch.attention_mask, batch.labels, user_idx)
+        hidden = rm.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       output_hidden_states=True).hidden_states[-1]
+        for row in range(2):  # chosen, rejected: by hand, the mean of the response positions only
+            response = hidden[row][labels[row] != -100]
+            assert 0 < len(response) < int(mask[row].sum())
+            assert rewards[row].item() == pytest.approx(rm.value_head(response.mean(0)).item(), abs=1e-5)
+    with pytest.raises(ValueError, match="labels"):
+        rm(batch.input_ids, batch.attention_mask, None, user_idx)
+    with pytest.raises(ConfigError, match="reward_pool"):
+        TrainConfig(data="x", out="y", objective="rm", reward_pool="max").validate()
+
+
 @pytest.fixture(scope="module")
 def style_dir(tmp_path_factory) -> Path:
     task = build_style_task(n_seen_users=4, n_unseen_users=1, train_pairs_per_user=16, test_pairs_per_user=4, seed=0)

@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,24 @@ def test_eval_out_refuses_a_runs_own_file_and_foreign_files(run_copy, task_dir, 
     assert main([*base, "--out", str(run_copy / "eval.json")]) == 0  # the README's place for it
     assert main([*base, "--out", str(run_copy / "eval.json")]) == 0  # its own output: replaced
     assert main([*base, "--out", str(notes), "--overwrite"]) == 0 and "per_user" in json.loads(notes.read_text())
+    assert version_state(run_copy) == before
+
+
+def test_eval_plot_is_checked_like_out(run_copy, task_dir, tmp_path, capsys):
+    before = version_state(run_copy)
+    base = ["eval", "--run", str(run_copy), "--data", str(task_dir / "test.jsonl"), "--threads", "1"]
+    saved = (run_copy / "config.yaml").read_bytes()
+    one_line_error(capsys, main([*base, "--plot", str(run_copy / "config.yaml"), "--overwrite"]), "config.yaml")
+    assert (run_copy / "config.yaml").read_bytes() == saved
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    one_line_error(capsys, main([*base, "--plot", str(notes)]), "--overwrite")
+    assert notes.read_text() == "mine\n"
+    one_line_error(capsys, main([*base, "--out", str(notes), "--plot", str(notes), "--overwrite"]), "same file")
+    plot = tmp_path / "acc.png"
+    assert main([*base, "--plot", str(plot)]) == 0 and plot.read_bytes().startswith(b"\x89PNG")
+    assert main([*base, "--plot", str(plot)]) == 0  # its own output: replaced without --overwrite
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
     assert version_state(run_copy) == before
 
 
@@ -343,3 +362,19 @@ def test_a_run_written_before_versions_still_loads_and_is_upgraded_by_a_change(r
     assert current_version(run_copy) == run_copy / "versions" / "v1"
     assert not (run_copy / "users.json").exists() and not (run_copy / "adapter").exists()
     assert load_run(run_copy).registry.user_ids == ["user_01", "user_03"]
+
+
+def test_a_temp_folder_left_by_a_kill_is_removed_and_a_live_one_kept(tmp_path):
+    from prlhf.safe_io import held_temp_dir, remove_stale_temp_dirs
+
+    pid = os.fork()
+    if pid == 0:  # the child dies holding its temp folder, as a killed `adapt` does
+        with held_temp_dir(tmp_path, "out") as tmp:
+            (tmp / "part").write_text("half")
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+    with held_temp_dir(tmp_path, "out") as live:
+        assert remove_stale_temp_dirs(tmp_path, "out") == [left]
+        assert not left.exists() and live.is_dir()  # the folder a live process holds stays
+        assert remove_stale_temp_dirs(tmp_path, "out") == []

@@ -1,5 +1,6 @@
 """The tiny model's supervised warm-up: held-out prompts split off whole, early stopping keeps the best weights."""
 
+import pytest
 import torch
 
 from prlhf.data.tokenize import EncodedPair
@@ -46,3 +47,15 @@ def test_early_stopping_leaves_the_best_measured_weights(tiny_tokenizer):
     assert abs(holdout_nll(model, held, tiny_tokenizer.pad_token_id, 4) - result.holdout_nll) < 1e-4
     assert not model.training
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_tiny_defaults_by_objective():
+    from prlhf.config import ConfigError, TrainConfig
+
+    policy, reward = TrainConfig(model="tiny"), TrainConfig(model="tiny", objective="rm")
+    assert (policy.resolved_sft_steps(), policy.resolved_epochs()) == (0, 3.0)
+    assert (reward.resolved_sft_steps(), reward.resolved_epochs()) == (0, 6.0)  # no warm-up: more passes to fit
+    assert TrainConfig(model="some/hub-model", objective="rm").resolved_epochs() == 3.0
+    assert TrainConfig(model="tiny", objective="rm", epochs=2.5).resolved_epochs() == 2.5  # given: kept
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig(data="x", out="y", epochs=0).validate()

@@ -58,3 +58,15 @@ def test_auto_means_tensorboard_when_installed(monkeypatch):
 def test_unknown_tracker_is_a_config_error():
     with pytest.raises(ConfigError, match="report_to"):
         TrainConfig(data="x.jsonl", out="o", report_to="mlflow").validate()
+
+
+def test_truncate_log_drops_later_steps_and_a_row_cut_short(tmp_path):
+    from prlhf.train.metrics import truncate_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 2, "loss": 0.6}\n{"step": 4, "loss": 0.5}\n{"step": 6, "loss": 0.4}\n{"step": 8, "lo')
+    truncate_log(log, 4)
+    assert log.read_text() == '{"step": 2, "loss": 0.6}\n{"step": 4, "loss": 0.5}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # written through a temporary file
+    truncate_log(tmp_path / "missing.jsonl", 4)  # nothing logged yet: nothing to do
+    assert not (tmp_path / "missing.jsonl").exists()

@@ -104,6 +104,42 @@ def make_temp_dir(parent: Path, label: str) -> Path:
     return tmp
 
 
+@contextmanager
+def held_temp_dir(parent: Path, label: str) -> Iterator[Path]:
+    """`make_temp_dir`, locked (flock) while the block runs: a process killed meanwhile leaves the folder behind,
+    but unlocked, so `remove_stale_temp_dirs` can tell it from one that another process is still building."""
+    import fcntl
+
+    tmp = make_temp_dir(parent, label)
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the lock stays with the folder when the block renames it
+        yield tmp
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_dirs(parent: Path, label: str) -> list[Path]:
+    """Remove the `held_temp_dir(parent, label)` folders that no live process holds (left by a kill)."""
+    import fcntl
+
+    removed = []
+    for tmp in sorted(Path(parent).iterdir()):
+        if not tmp.name.startswith(f"{TMP_PREFIX}{label}-") or tmp.is_symlink() or not tmp.is_dir():
+            continue
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # being built right now
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def remove_path(path: Path, scope: str = "file") -> None:
     """Remove a file, a symlink (never what it points to) or a folder tree; nothing if it does not exist."""
     if not os.path.lexists(path):

@@ -80,14 +80,16 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
                     methods: Sequence[str] | None = None, epochs: float | None = None,
                     train_pairs_per_user: int | None = None, test_pairs_per_user: int | None = None,
                     adapt_users_n: int | None = None, adapt_k: int | None = None, adapt_steps: int | None = None,
-                    split: str = "test", keep_runs: bool = False, reuse_runs: bool = False,
-                    **train_options) -> dict:
+                    split: str = "test", held_out: str | None = None, keep_runs: bool = False,
+                    reuse_runs: bool = False, **train_options) -> dict:
     """Build the task, train each method, score the held-out statements, fit new participants; writes
     results.json, report.md and accuracy.png into `out` and returns the results document.
 
     `conversations`: folder names under `source` (None: DEFAULT_CONVERSATIONS, or every folder with `quick`).
     `split="validation"` scores a validation split carved from the training statements instead of the test one
-    (for tuning; see prlhf.data.tasks.polis). `train_options` are TrainConfig fields given to every trained
+    (for tuning; see prlhf.data.tasks.polis). `held_out="votes"`: each participant's held-out statements are ones
+    they did not vote on in training (others' training may use them), instead of statements in no training record.
+    `train_options` are TrainConfig fields given to every trained
     method, over bench persona's defaults for the model. `reuse_runs` keeps OUT/work and takes each method that
     finished there (its scores saved) instead of training it again: a killed benchmark continues."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,7 +110,8 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
     task = build_polis_task(source=source, conversations=conversations,
                             train_pairs_per_user=size.train_pairs_per_user,
                             test_pairs_per_user=size.test_pairs_per_user,
-                            adapt_pairs_per_user=max(size.adapt_k, size.train_pairs_per_user), split=split, seed=seed)
+                            adapt_pairs_per_user=max(size.adapt_k, size.train_pairs_per_user), split=split,
+                            held_out=held_out or "statements", seed=seed)
     seen = set(task.seen_users)
     if not seen or not task.test:
         raise ValueError("no participant has enough votes on both sides of the statement split")
@@ -315,7 +318,8 @@ def histogram(values: Sequence[float], bins: int = 10) -> list[int]:
 def run_settings(task, size: PolisSize, cfg: TrainConfig, split: str, quick: bool) -> dict:
     """What every results file records besides the numbers."""
     m = task.meta
-    return {"split": "statements" if split == "test" else "validation statements",
+    held = {"statements": "statements", "votes": "each participant's unvoted statements"}[m["held_out"]]
+    return {"split": held if split == "test" else f"validation {held}", "held_out": m["held_out"],
             "n_users": m["n_seen"], "n_unseen_users": m["n_unseen"], "n_train_pairs": len(task.train),
             "n_test_pairs": len(task.test), "epochs": size.epochs, "batch_size": cfg.batch_size * cfg.grad_accum,
             "grad_accum": cfg.grad_accum, "user_tokens": cfg.user_tokens, "threads": cfg.threads,
@@ -325,7 +329,7 @@ def run_settings(task, size: PolisSize, cfg: TrainConfig, split: str, quick: boo
             "max_prompt_length": cfg.max_prompt_length, "quick": quick, "machine": machine_summary(),
             "data": {k: m[k] for k in ("source", "conversations", "train_pairs_per_user", "test_pairs_per_user",
                                        "min_train_votes", "min_test_votes", "test_statement_fraction",
-                                       "unseen_fraction", "split", "per_conversation")},
+                                       "unseen_fraction", "split", "held_out", "per_conversation")},
             "attribution": ATTRIBUTION}
 
 
@@ -334,6 +338,11 @@ def write_outputs(out: Path, doc: dict, plots: bool) -> None:
     _atomic_write(out / "report.md", render_report(doc))
     if plots:
         plot_results(doc, out / "accuracy.png")
+
+
+HELD_OUT_WORDS = {"statements": "statements that occur in no training record",
+                  "votes": "statements the participant did not vote on in training (other participants' training "
+                           "records may use them: not content-disjoint)"}
 
 
 def _f(x) -> str:
@@ -346,7 +355,8 @@ def render_report(doc: dict) -> str:
              f"{doc['n_users']} seen + {doc['n_unseen_users']} unseen participants in {len(convs)} conversation(s) "
              f"({', '.join(convs)}); {doc['n_train_pairs']} training pairs (at most "
              f"{doc['data']['train_pairs_per_user']} per participant), {doc['n_test_pairs']} held-out pairs (at most "
-             f"{doc['data']['test_pairs_per_user']} per participant) on statements that occur in no training record. "
+             f"{doc['data']['test_pairs_per_user']} per participant) on "
+             f"{HELD_OUT_WORDS[doc.get('held_out', 'statements')]}. "
              f"{doc['epochs']} epoch(s) of {doc['batch_size']} pairs per step, learning rate {doc['lr']:g} (adapters) "
              f"/ {doc['user_lr']:g} (user model; cluster logits / low-rank vectors {doc['user_code_lr']:g}), "
              f"{doc['user_tokens']} user tokens, supervised warm-up {doc['sft_steps']} steps, seed {doc['seed']}, "
@@ -394,11 +404,14 @@ def plot_results(doc: dict, path: Path) -> None:
     ax.set_ylim(0.3, 1.0)
     ax.set_ylabel("held-out accuracy (statements never in training)")
     ax.legend(fontsize=7)
-    edges = [i / 10 for i in range(10)]
-    for name, counts in doc["accuracy_histograms"].items():
-        hx.plot([e + 0.05 for e in edges], counts, marker="o", label=name)
-    hx.set_xlabel("per-participant accuracy (bin centre)")
-    hx.set_ylabel("seen participants")
+    for name, counts in doc["accuracy_histograms"].items():  # a participant's accuracy takes few values: a CDF
+        total, running, shares = sum(counts), 0, []
+        for c in counts:
+            running += c
+            shares.append(running / total)
+        hx.step([(i + 1) / len(counts) for i in range(len(counts))], shares, where="post", label=name)
+    hx.set_xlabel("per-participant held-out accuracy (upper edge of a 0.1 bin)")
+    hx.set_ylabel("share of seen participants at or below")
     hx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

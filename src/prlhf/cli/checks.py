@@ -24,7 +24,8 @@ INT_RANGES = {
 # float flag -> (allowed?, what is allowed); every float flag must also be finite (argparse takes "nan", "inf")
 FLOAT_RULES = {
     "lr": (lambda v: v > 0, "> 0"), "user_lr": (lambda v: v >= 0, ">= 0"), "user_code_lr": (lambda v: v >= 0, ">= 0"),
-    "epochs": (lambda v: v > 0, "> 0"), "holdout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "epochs": (lambda v: v > 0 or v == -1, "> 0 (or -1: the default for the model)"),
+    "holdout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "nll_weight": (lambda v: v >= 0, ">= 0"), "user_weight_decay": (lambda v: v >= 0, ">= 0"),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -14,7 +15,7 @@ from prlhf.cli.common import add_dataclass_flags, config_from_args, setup_loggin
 from prlhf.cli.errors import command_name, describe, own_error_types
 from prlhf.cli.polis_cmds import add_build_flags as add_polis_build_flags
 from prlhf.cli.polis_cmds import build_summary as polis_build_summary
-from prlhf.cli.polis_cmds import polis_build_kwargs
+from prlhf.cli.polis_cmds import polis_build_kwargs, refuse_polis_flags
 from prlhf.cli.polis_cmds import register_bench as register_polis_bench
 from prlhf.cli.users_cmds import register as register_user_commands
 from prlhf.config import ConfigError, TrainConfig
@@ -36,7 +37,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from prlhf.data.loading import load_records
-    from prlhf.evaluate.report import accuracy_plot, accuracy_table
+    from prlhf.evaluate.report import accuracy_plot, accuracy_table, is_png
     from prlhf.evaluate.run_eval import evaluate_run
     from prlhf.model.run_dir import is_eval_result, load_run, write_json_atomic
     from prlhf.safe_io import output_file_problem
@@ -44,6 +45,10 @@ def cmd_eval(args) -> int:
     _set_threads(args.threads)
     if args.out and (problem := output_file_problem(Path(args.out), args.overwrite, is_eval_result)):
         raise ConfigError(f"eval: --out {args.out} {problem}")  # before any work
+    if args.plot and args.out and os.path.abspath(args.plot) == os.path.abspath(args.out):
+        raise ConfigError(f"eval: --plot and --out are the same file {args.out}")
+    if args.plot and (problem := output_file_problem(Path(args.plot), args.overwrite, is_png)):
+        raise ConfigError(f"eval: --plot {args.plot} {problem}")
     records = load_records(args.data)
     run = load_run(args.run)
     result = evaluate_run(run, records, show_progress=True)
@@ -123,6 +128,8 @@ def cmd_data_build(args) -> int:
         kwargs = tldr_build_kwargs(args)
     if args.task == "polis":
         kwargs = polis_build_kwargs(args)
+    else:
+        refuse_polis_flags(args)
     try:
         task = TASKS[args.task](**{k: v for k, v in kwargs.items() if v is not None})
     except ValueError as exc:  # the builders check their sizes and shares
@@ -245,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run directory written by `prlhf train`")
     e.add_argument("--data", required=True, help="held-out pairs (users absent from training are 'unseen')")
     e.add_argument("--out", help="write the metrics JSON here (a new file, or one eval wrote before)")
-    e.add_argument("--overwrite", action="store_true", help="let --out replace a file eval did not write")
+    e.add_argument("--overwrite", action="store_true", help="let --out and --plot replace a file eval did not write")
     e.add_argument("--plot", metavar="PNG", help="also draw per-user accuracy as a bar chart")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     e.set_defaults(func=cmd_eval)

@@ -29,6 +29,21 @@ def add_build_flags(b: argparse.ArgumentParser) -> None:
     b.add_argument("--split", choices=["test", "validation"],
                    help="polis: test.jsonl holds the test statements (default), or a validation split carved from "
                         "the training statements (the test statements then appear nowhere)")
+    b.add_argument("--held-out", choices=["statements", "votes"],
+                   help="polis: test pairs on statements no training record uses (default; content-disjoint), or "
+                        "on statements each participant did not vote on in training, which others' training "
+                        "records may use (collaborative filtering)")
+
+
+POLIS_ONLY_FLAGS = (("--conversations", "conversations"), ("--user-id-from", "user_id_from"), ("--split", "split"),
+                    ("--held-out", "held_out"))
+
+
+def refuse_polis_flags(args) -> None:
+    """`data build` of another task: the polis flags would be ignored, so they are refused."""
+    given = [flag for flag, name in POLIS_ONLY_FLAGS if getattr(args, name, None) is not None]
+    if given:
+        raise ConfigError(f"data build {args.task}: {', '.join(given)} only apply to polis")
 
 
 def polis_build_kwargs(args) -> dict:
@@ -43,7 +58,7 @@ def polis_build_kwargs(args) -> dict:
         raise ConfigError(f"data build polis: not for real participants: {', '.join(given)}")
     return {"source": args.source, "conversations": _names(args.conversations),
             "train_pairs_per_user": args.train_pairs_per_user, "test_pairs_per_user": args.test_pairs_per_user,
-            "user_id_from": args.user_id_from, "split": args.split, "seed": args.seed}
+            "user_id_from": args.user_id_from, "split": args.split, "held_out": args.held_out, "seed": args.seed}
 
 
 def build_summary(task) -> str:
@@ -62,7 +77,8 @@ def cmd_bench_polis(args) -> int:
                         methods=args.methods.split(",") if args.methods else None, epochs=args.epochs,
                         train_pairs_per_user=args.train_pairs_per_user, test_pairs_per_user=args.test_pairs_per_user,
                         adapt_users_n=args.new_participants, adapt_k=args.new_participant_pairs,
-                        adapt_steps=args.adapt_steps, split=args.split, keep_runs=args.keep_runs,
+                        adapt_steps=args.adapt_steps, split=args.split, held_out=args.held_out,
+                        keep_runs=args.keep_runs,
                         reuse_runs=args.reuse_runs,
                         **{k: getattr(args, k) for k in TRAIN_FLAGS})
     except ValueError as exc:
@@ -96,6 +112,10 @@ def register_bench(bsub) -> None:
     po.add_argument("--split", default="test", choices=["test", "validation"],
                     help="score the test statements (default) or a validation split carved from the training "
                          "statements (for tuning)")
+    po.add_argument("--held-out", default="statements", choices=["statements", "votes"],
+                    help="test pairs on statements no training record uses (default; content-disjoint), or on "
+                         "statements each participant did not vote on in training, which others' training records "
+                         "may use (collaborative filtering)")
     po.add_argument("--lr", type=float, help="adapter learning rate (default 1e-3)")
     po.add_argument("--user-lr", type=float, help="user-model learning rate (default 30x the adapter rate with tiny)")
     po.add_argument("--user-code-lr", type=float,

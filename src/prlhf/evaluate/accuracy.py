@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tokenize import EncodedPair
 from prlhf.model.personalized import PersonalizedLM
+from prlhf.progress import bar_disabled
 from prlhf.train.batching import PairCollator, length_sorted_batches
 from prlhf.train.reference import compute_reference_logps
 from prlhf.users.registry import UserRegistry
@@ -40,7 +41,7 @@ def implicit_reward_margins(model: PersonalizedLM, pairs: Sequence[EncodedPair],
     was_training = model.training
     model.eval()
     for indices in tqdm(length_sorted_batches(pairs, batch_size), desc="policy log-probs",
-                        disable=not show_progress, leave=False):
+                        disable=bar_disabled(show_progress), leave=False):
         batch = collate(indices).to(device)
         users = batch.user_idx.repeat(2) if with_users else None  # (2B,): chosen rows, then rejected rows
         logps = model(batch.input_ids, batch.attention_mask, batch.labels, users).float().cpu()

@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+
+from prlhf.safe_io import atomic_write_bytes
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: Path) -> bool:
+    """Whether `path` starts like a PNG file: what `eval --plot` may replace without --overwrite."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int) -> Path:
+    """Write the figure as PNG through a temporary file: a reader never sees half a plot."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def _fmt(x) -> str:
@@ -51,7 +73,6 @@ def accuracy_plot(results: dict[str, dict], path: str | os.PathLike, users: dict
     ax.set_title(title, pad=24)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=len(results), frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
+    path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

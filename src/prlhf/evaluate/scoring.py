@@ -37,7 +37,7 @@ def score_responses(run: LoadedRun, user_ids: Sequence[str], prompts: Sequence[s
     for batch_idx in length_sorted_batches(pairs, batch_size):
         batch = collate(batch_idx).to(device)
         n = len(batch)  # rows [0, n) hold prompt + response (the "rejected" copy is not needed)
-        rewards = run.model(batch.input_ids[:n], batch.attention_mask[:n], None, batch.user_idx)
+        rewards = run.model(batch.input_ids[:n], batch.attention_mask[:n], batch.labels[:n], batch.user_idx)
         out[batch.example_idx.cpu()] = rewards.float().cpu()
     return out.tolist()
 

@@ -333,7 +333,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise RunError(f"{where}: users.json has {len(registry)} users but the user model has "
                        f"{user_model.num_users}")
     if config.objective == "rm":
-        model = PersonalizedRewardModel(lm, user_model, int(adds_bos(tokenizer)), base.config.hidden_size)
+        model = PersonalizedRewardModel(lm, user_model, int(adds_bos(tokenizer)), base.config.hidden_size,
+                                        pool=config.reward_pool)
         model.value_head.load_state_dict(load_file(str(files / VALUE_HEAD_FILE)))
     else:
         model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer)))

@@ -24,6 +24,7 @@ from prlhf.model.loading import add_lora, disable_dropout, enable_activation_che
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.reward import PersonalizedRewardModel
 from prlhf.model.run_dir import save_run
+from prlhf.progress import bar_disabled
 from prlhf.train.batching import EpochBatchSampler, PairCollator, pair_length
 from prlhf.train.checkpoint import Trainable, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from prlhf.train.distributed import allow_precision_change, cpu_processes, start_accelerator
@@ -103,7 +104,8 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
     lm = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules())
     is_rm = config.objective == "rm"
     if is_rm:
-        model = PersonalizedRewardModel(lm, user_model, int(adds_bos(tokenizer)), base.config.hidden_size)
+        model = PersonalizedRewardModel(lm, user_model, int(adds_bos(tokenizer)), base.config.hidden_size,
+                                        pool=config.reward_pool)
     else:
         model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer)),
                                share_prompts=config.share_prompts and not config.gradient_checkpointing)
@@ -134,7 +136,7 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
     optimizer = build_optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # loader: this process's batches
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
-    total_steps = math.ceil(config.epochs * steps_per_epoch)
+    total_steps = math.ceil(config.resolved_epochs() * steps_per_epoch)
     total_steps = min(total_steps, config.max_steps) if config.max_steps else total_steps
     # Not prepared: stepped by hand once per optimizer step (a prepared one steps once per process).
     warmup = int(config.warmup_ratio * total_steps)
@@ -162,7 +164,7 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
             truncate_log(run_dir / "eval.jsonl", 0)
     save_every = config.save_steps or steps_per_epoch
     desc = ("P-RM" if with_users else "RM") if is_rm else ("P-DPO" if with_users else "DPO")
-    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not show)
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=bar_disabled(show))
     start = time.time()
     model.train()
     while step < total_steps:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from prlhf.losses import PreferenceLossOutput
+from prlhf.safe_io import atomic_write_text
 
 
 def batch_metrics(out: PreferenceLossOutput, chosen_logps: torch.Tensor | None, rejected_logps: torch.Tensor | None,
@@ -119,7 +120,15 @@ def tracker_names(report_to: str) -> list[str]:
 
 def truncate_log(path: Path, last_step: int) -> None:
     """Drop metrics.jsonl rows after `last_step`: a run killed between logging and checkpointing logged steps
-    that its resume will run (and log) again."""
+    that its resume will run (and log) again, and a row cut short by a kill while it was being appended."""
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(row + "\n" for row in rows))
+        rows = [line for line in path.read_text().splitlines() if _logged_step(line) <= last_step]
+        atomic_write_text(path, "".join(row + "\n" for row in rows))  # a kill here keeps the whole old log
+
+
+def _logged_step(line: str) -> float:
+    """The row's step; inf (so the row is dropped) for a partial last line."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from prlhf.data.tokenize import EncodedPair
 from prlhf.model.personalized import PersonalizedLM
+from prlhf.progress import bar_disabled
+from prlhf.safe_io import atomic_write_bytes
 from prlhf.train.batching import PairCollator, length_sorted_batches
 
 logger = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ def compute_reference_logps(model: PersonalizedLM, pairs: Sequence[EncodedPair],
     was_training = model.training
     model.eval()
     for indices in tqdm(length_sorted_batches(pairs, batch_size), desc="reference log-probs",
-                        disable=not show_progress, leave=False):
+                        disable=bar_disabled(show_progress), leave=False):
         batch = collate(indices).to(device)
         logps = model.reference_logps(batch.input_ids, batch.attention_mask, batch.labels).float().cpu()  # (2B,)
         chosen[batch.example_idx.cpu()], rejected[batch.example_idx.cpu()] = logps.chunk(2)
@@ -74,13 +77,28 @@ def cached_reference_logps(model: PersonalizedLM, pairs: Sequence[EncodedPair], 
         return compute_reference_logps(model, pairs, pad_id, show_progress=show_progress)
     path = Path(cache_dir) / f"{reference_cache_key(model, pairs, precision)}.safetensors"
     if path.is_file():
-        logger.info("reference log-probs: reusing %s", path)
-        cached = load_file(str(path))
-        return cached["chosen"], cached["rejected"]
+        cached = _read_cache(path, len(pairs))
+        if cached is not None:
+            logger.info("reference log-probs: reusing %s", path)
+            return cached
     chosen, rejected = compute_reference_logps(model, pairs, pad_id, show_progress=show_progress)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}))
+    return chosen, rejected
+
+
+def _read_cache(path: Path, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (chosen, rejected) log-probs, or None (and a warning) when the file is unreadable or the wrong
+    size: a cache is only a shortcut, so a damaged one is computed again and replaced, never trusted."""
+    try:
+        cached = load_file(str(path))
+        chosen, rejected = cached["chosen"], cached["rejected"]
+    except (SafetensorError, OSError, KeyError) as exc:
+        logger.warning("reference log-probs: ignoring the unreadable cache %s (%s)", path, exc)
+        return None
+    if chosen.shape != (n_pairs,) or rejected.shape != (n_pairs,):
+        logger.warning("reference log-probs: ignoring the cache %s: %s log-probs for %d pairs", path,
+                       tuple(chosen.shape), n_pairs)
+        return None
     return chosen, rejected

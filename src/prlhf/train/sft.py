@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from prlhf.data.tokenize import EncodedPair
 from prlhf.model.logprobs import IGNORE_INDEX, sequence_logps
+from prlhf.progress import bar_disabled
 from prlhf.train.batching import EpochBatchSampler, PairCollator, length_sorted_batches
 
 
@@ -81,7 +82,7 @@ def supervised_warmup(model: PreTrainedModel, pairs: Sequence[EncodedPair], pad_
     step, epoch, nll = 0, 0, float("nan")
     best = (float("inf"), 0, None)  # (held-out NLL, step, weights)
     stale = 0
-    bar = tqdm(total=steps, desc="warm-up (SFT)", disable=not show_progress, leave=False)
+    bar = tqdm(total=steps, desc="warm-up (SFT)", disable=bar_disabled(show_progress), leave=False)
     while step < steps and stale < patience:
         sampler.set_epoch(epoch)
         for indices in sampler:

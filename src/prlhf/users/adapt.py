@@ -35,7 +35,9 @@ from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.losses import dpo_loss
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.run_dir import LoadedRun, RunError, copy_artifacts, resolve_run, write_version
-from prlhf.safe_io import copy_file, copy_tree, fault_point, fsync_path, fsync_tree, make_temp_dir, remove_path, rename
+from prlhf.progress import bar_disabled
+from prlhf.safe_io import (copy_file, copy_tree, fault_point, fsync_path, fsync_tree, held_temp_dir, remove_path,
+                           remove_stale_temp_dirs, rename)
 from prlhf.train.loop import TrainingDiverged
 from prlhf.train.reference import compute_reference_logps
 from prlhf.users.manage import (USER_FILES, UserTable, extend_rows, require_personalized, stage_user_table,
@@ -178,7 +180,7 @@ def fit_rows(model: PersonalizedLM, init_rows: torch.Tensor, pairs: Sequence[Enc
                for chunk in (order[s:s + batch_pairs] for s in range(0, len(order), batch_pairs))]
     optimizer = torch.optim.AdamW([new.rows], lr=lr, weight_decay=0.0)
     losses = []
-    bar = tqdm(range(steps), desc="adapt users", disable=not show_progress)
+    bar = tqdm(range(steps), desc="adapt users", disable=bar_disabled(show_progress))
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -347,23 +349,25 @@ def save_adapted_run(source: str | os.PathLike, new_run: LoadedRun, out: str | o
             (folder / "adapt.json").write_text(json.dumps({"adapted_from": str(source), **report}, indent=1) + "\n")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, out.name)
-    try:
-        for name in COPY_TOP:
-            if os.path.lexists(src := run.root / name):
-                (copy_tree if src.is_dir() else copy_file)(src, tmp / name, "version")
-        write_version(tmp, fill, {**run.summary, "n_users": len(new_run.registry)}, written_by="adapt")
-        fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
+    for stale in remove_stale_temp_dirs(out.parent, out.name):
+        logger.info("removed %s, left by an adapt that was killed", stale)
+    with held_temp_dir(out.parent, out.name) as tmp:
         try:
-            rename(tmp, out, "version")
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another process wrote `out` meanwhile
-                raise ConfigError(f"{out}: already exists and is not empty; choose another --out") from None
+            for name in COPY_TOP:
+                if os.path.lexists(src := run.root / name):
+                    (copy_tree if src.is_dir() else copy_file)(src, tmp / name, "version")
+            write_version(tmp, fill, {**run.summary, "n_users": len(new_run.registry)}, written_by="adapt")
+            fsync_tree(tmp)
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            try:
+                rename(tmp, out, "version")
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another process wrote `out` meanwhile
+                    raise ConfigError(f"{out}: already exists and is not empty; choose another --out") from None
+                raise
+            fsync_path(out.parent)
+        except BaseException:
+            remove_path(tmp, "cleanup")
             raise
-        fsync_path(out.parent)
-    except BaseException:
-        remove_path(tmp, "cleanup")
-        raise
     return out

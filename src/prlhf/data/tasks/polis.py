@@ -16,6 +16,9 @@ no test record uses a training statement, so no test statement occurs in any tra
 - `test.jsonl`: seen participants' pairs on test statements, plus unseen participants' (held out wholly).
 - `adapt.jsonl`: unseen participants' pairs on training statements (at most `adapt_pairs_per_user` each), to fit
   them as new users; never scored.
+`held_out="votes"` is the collaborative-filtering split instead (not content-disjoint): each participant's own
+voted statements are split, so their test pairs use statements they never voted on in training, which other
+participants' training records may use.
 A participant takes part when they agreed and disagreed with at least `min_train_votes` training statements each
 and `min_test_votes` test statements each; a share `unseen_fraction` of them (per conversation) is unseen.
 `split="validation"` drops the test statements altogether and splits the training statements again: its
@@ -48,6 +51,7 @@ PROMPT_TEMPLATE = "Conversation: {topic}\nWrite a statement you agree with.\nSta
 VOTES = {"1": 1, "-1": -1, "0": 0}  # empty = not seen
 USER_ID_FROM = ("participant", "group")
 SPLITS = ("test", "validation")
+HELD_OUT = ("statements", "votes")  # statements: no test statement in any training record; votes: per participant
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,19 @@ def _side(votes: dict[int, int], statements: set[int]) -> tuple[list[int], list[
     return agreed, disagreed
 
 
+def _own_split(votes: dict[int, int], fraction: float, split: str, rng: random.Random) -> tuple[set[int], set[int]]:
+    """held_out="votes": (training, held-out) statements of one participant, from those they voted on. For the
+    validation split, the statements their test split would hold are dropped and the rest split again (`rng` is
+    the participant's own, so both splits start from the same draw)."""
+    voted = sorted(c for c, v in votes.items() if v != 0)
+    if len(voted) < 2:
+        return set(voted), set()
+    train, test = _split_statements(voted, fraction, rng)
+    if split == "validation":
+        train, test = (_split_statements(sorted(train), fraction, rng) if len(train) >= 2 else (train, set()))
+    return train, test
+
+
 def build_polis_task(
     source: str | Path | None = None,
     conversations: Sequence[str] | None = None,
@@ -254,6 +271,7 @@ def build_polis_task(
     min_test_votes: int = 1,
     split: str = "test",
     user_id_from: str = "participant",
+    held_out: str = "statements",
     seed: int = 0,
 ) -> Task:
     """Build the Polis task (see the module docstring); deterministic for a given seed and data.
@@ -272,6 +290,8 @@ def build_polis_task(
         raise ValueError("min_train_votes and min_test_votes must be >= 1")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if held_out not in HELD_OUT:
+        raise ValueError(f"held_out must be one of {', '.join(HELD_OUT)}, got {held_out!r}")
     if user_id_from not in USER_ID_FROM:
         raise ValueError(f"user_id_from must be one of {', '.join(USER_ID_FROM)}, got {user_id_from!r}")
     root = Path(source) if source is not None else default_data_dir()
@@ -294,10 +314,14 @@ def build_polis_task(
             if len(train_ids) < 2:
                 raise ValueError(f"{name}: too few training statements to carve a validation split")
             train_ids, test_ids = _split_statements(list(train_ids), test_statement_fraction, rng)
+        sides = {pid: (train_ids, test_ids) for pid in conv.votes}
+        if held_out == "votes":  # each participant's own statements split; seen statements stay out of validation
+            sides = {pid: _own_split(votes, test_statement_fraction, split, random.Random(f"{seed}:{name}:{pid}"))
+                     for pid, votes in conv.votes.items()}
         eligible = []
         for pid in conv.votes:
-            tr_a, tr_d = _side(conv.votes[pid], train_ids)
-            te_a, te_d = _side(conv.votes[pid], test_ids)
+            tr_a, tr_d = _side(conv.votes[pid], sides[pid][0])
+            te_a, te_d = _side(conv.votes[pid], sides[pid][1])
             if min(len(tr_a), len(tr_d)) >= min_train_votes and min(len(te_a), len(te_d)) >= min_test_votes:
                 eligible.append(pid)
         rng.shuffle(eligible)
@@ -312,8 +336,8 @@ def build_polis_task(
         for pid in sorted(eligible, key=_natural):
             uid = f"{name}/{pid}"
             is_seen = pid not in unseen
-            fit = records(pid, train_ids, train_pairs_per_user if is_seen else adapt_pairs_per_user)
-            held = records(pid, test_ids, test_pairs_per_user)
+            fit = records(pid, sides[pid][0], train_pairs_per_user if is_seen else adapt_pairs_per_user)
+            held = records(pid, sides[pid][1], test_pairs_per_user)
             (train if is_seen else adapt).extend(fit)
             test.extend(held)
             n_votes = sum(1 for v in conv.votes[pid].values() if v != 0)
@@ -322,8 +346,10 @@ def build_polis_task(
                           "n_test_pairs": len(held)}
         per_conversation[name] = {
             "topic": conv.topic, "n_statements": len(conv.statements), "n_moderated_out": conv.n_moderated,
-            "n_repeated_text": conv.n_repeated, "n_train_statements": len(train_ids),
-            "n_test_statements": len(test_ids), "n_participants": len(conv.votes),
+            "n_repeated_text": conv.n_repeated,
+            "n_train_statements": len(train_ids) if held_out == "statements" else None,  # votes: per participant
+            "n_test_statements": len(test_ids) if held_out == "statements" else None,
+            "n_participants": len(conv.votes),
             "n_seen": len(eligible) - n_unseen, "n_unseen": n_unseen,
             "groups": sorted({g for g in conv.groups.values() if g is not None}, key=_natural)}
 
@@ -331,7 +357,8 @@ def build_polis_task(
             "unseen_fraction": unseen_fraction, "train_pairs_per_user": train_pairs_per_user,
             "test_pairs_per_user": test_pairs_per_user, "adapt_pairs_per_user": adapt_pairs_per_user,
             "min_train_votes": min_train_votes,
-            "min_test_votes": min_test_votes, "split": split, "user_id_from": user_id_from, "seed": seed,
+            "min_test_votes": min_test_votes, "split": split, "held_out": held_out, "user_id_from": user_id_from,
+            "seed": seed,
             "prompt_template": PROMPT_TEMPLATE, "attribution": ATTRIBUTION, "per_conversation": per_conversation,
             "n_seen": sum(c["n_seen"] for c in per_conversation.values()),
             "n_unseen": sum(c["n_unseen"] for c in per_conversation.values())}
