@@ -303,3 +303,10 @@ def test_held_out_votes_splits_each_participants_own_statements(source, task) ->
         assert r.chosen.strip() not in test_side and r.rejected.strip() not in test_side
     with pytest.raises(ValueError, match="held_out"):
         build_polis_task(source=source, held_out="nope")
+
+
+def test_cli_offers_the_builders_held_out_choices() -> None:
+    from prlhf.cli import polis_cmds
+    from prlhf.data.tasks import polis
+
+    assert polis_cmds.HELD_OUT == polis.HELD_OUT  # written out in the CLI to keep its start-up light

@@ -15,6 +15,7 @@ from prlhf.bench.machine import machine_summary
 from prlhf.config import TINY_LR, TrainConfig
 from prlhf.data.tasks import build_length_task
 from prlhf.data.tasks.common import _atomic_write
+from prlhf.evaluate.report import save_figure
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.model.run_dir import load_run
 from prlhf.train.loop import train
@@ -107,5 +108,5 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -26,6 +26,7 @@ from prlhf.data.tasks.common import _atomic_write, write_jsonl
 from prlhf.data.tasks.persona import ATTRIBUTION, build_persona_task
 from prlhf.data.tokenize import encode_records
 from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
+from prlhf.evaluate.report import save_figure
 from prlhf.model.run_dir import load_run
 from prlhf.train.loop import train
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
@@ -331,7 +332,7 @@ def plot_results(docs: dict, curves: dict, out: Path) -> None:
     axes[0].set_ylabel("held-out accuracy")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
+    save_figure(fig, out / "accuracy.png", dpi=110)
     plt.close(fig)
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
@@ -345,5 +346,5 @@ def plot_results(docs: dict, curves: dict, out: Path) -> None:
         axes[0].set_ylabel("mean seen-user accuracy")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "learning_curves.png", dpi=110)
+        save_figure(fig, out / "learning_curves.png", dpi=110)
         plt.close(fig)

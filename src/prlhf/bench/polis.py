@@ -35,6 +35,7 @@ from prlhf.data.tasks.common import _atomic_write, write_jsonl
 from prlhf.data.tasks.polis import ATTRIBUTION, build_polis_task, to_group_ids
 from prlhf.data.tokenize import encode_records
 from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
+from prlhf.evaluate.report import save_figure
 from prlhf.model.run_dir import load_run
 from prlhf.train.loop import train
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
@@ -80,7 +81,7 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
                     methods: Sequence[str] | None = None, epochs: float | None = None,
                     train_pairs_per_user: int | None = None, test_pairs_per_user: int | None = None,
                     adapt_users_n: int | None = None, adapt_k: int | None = None, adapt_steps: int | None = None,
-                    split: str = "test", held_out: str | None = None, keep_runs: bool = False,
+                    split: str = "test", held_out: str = "statements", keep_runs: bool = False,
                     reuse_runs: bool = False, **train_options) -> dict:
     """Build the task, train each method, score the held-out statements, fit new participants; writes
     results.json, report.md and accuracy.png into `out` and returns the results document.
@@ -111,7 +112,7 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
                             train_pairs_per_user=size.train_pairs_per_user,
                             test_pairs_per_user=size.test_pairs_per_user,
                             adapt_pairs_per_user=max(size.adapt_k, size.train_pairs_per_user), split=split,
-                            held_out=held_out or "statements", seed=seed)
+                            held_out=held_out, seed=seed)
     seen = set(task.seen_users)
     if not seen or not task.test:
         raise ValueError("no participant has enough votes on both sides of the statement split")
@@ -414,5 +415,5 @@ def plot_results(doc: dict, path: Path) -> None:
     hx.set_ylabel("share of seen participants at or below")
     hx.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -36,6 +36,7 @@ from prlhf.data.tasks.common import _atomic_write
 from prlhf.data.tasks.tldr import ATTRIBUTION, build_tldr_task
 from prlhf.data.tokenize import encode_records
 from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
+from prlhf.evaluate.report import save_figure
 from prlhf.model.run_dir import load_run
 from prlhf.train.loop import train
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
@@ -484,5 +485,5 @@ def plot_results(doc: dict, out: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "labelers.png", dpi=110)
+    save_figure(fig, out / "labelers.png", dpi=110)
     plt.close(fig)
