@@ -378,3 +378,60 @@ def test_a_temp_folder_left_by_a_kill_is_removed_and_a_live_one_kept(tmp_path):
         assert remove_stale_temp_dirs(tmp_path, "out") == [left]
         assert not left.exists() and live.is_dir()  # the folder a live process holds stays
         assert remove_stale_temp_dirs(tmp_path, "out") == []
+
+
+def test_bench_out_refuses_what_a_benchmark_did_not_write(tmp_path):
+    from prlhf.bench.tldr import OUTPUTS
+    from prlhf.safe_io import results_folder_problem
+
+    def problem(folder, bench="tldr"):
+        return results_folder_problem(folder, bench, OUTPUTS)
+
+    assert problem(tmp_path / "new") is None
+    (tmp_path / "empty").mkdir()
+    assert problem(tmp_path / "empty") is None
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in problem(tmp_path / "file")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    assert "run directory" in problem(run)
+    assert "run directory" in problem(run / "versions" / "x")
+    for name, files in {"notes": ["notes.txt"], "lone_work": ["work/"],
+                        "legacy": ["results.json", "report.md", "COMMAND.md", "work/"]}.items():
+        for f in files:
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).mkdir() if f.endswith("/") else (tmp_path / name / f).write_text("x")
+    assert "'notes.txt', which bench tldr does not write" in problem(tmp_path / "notes")
+    assert "holds no results.json" in problem(tmp_path / "lone_work")  # a `work` nobody says a bench made
+    assert problem(tmp_path / "legacy") is None  # results committed before the marker existed
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    assert "symlink" in problem(tmp_path / "link")
+
+
+def test_bench_out_is_marked_and_held_while_a_benchmark_runs(tmp_path):
+    from prlhf.safe_io import results_folder, results_folder_problem
+
+    out = tmp_path / "out"
+    with results_folder(out, "polis", ("results.json", "work")):
+        (out / "work").mkdir()  # a killed run leaves only this behind; its marker still says whose it is
+        with pytest.raises(ValueError, match="another prlhf process is writing it"):
+            with results_folder(out, "polis", ("results.json", "work")):
+                pass
+    assert results_folder_problem(out, "polis", ("results.json", "work")) is None  # --reuse-runs goes on
+    assert "another benchmark (polis)" in results_folder_problem(out, "tldr", ("results.json", "work"))
+
+
+def test_bench_into_a_foreign_folder_or_a_run_is_one_line_and_touches_nothing(run_copy, tmp_path, capsys):
+    foreign = tmp_path / "mine"
+    (foreign / "work").mkdir(parents=True)
+    (foreign / "work" / "thesis.tex").write_text("months of work")
+    (foreign / "results.json").write_text("{}")
+    (foreign / "notes.txt").write_text("x")
+    before = version_state(run_copy)
+    for out, needle in ((foreign, "notes.txt"), (run_copy, "run directory")):
+        code = main(["bench", "length", "--quick", "--shares", "0.7", "--threads", "1", "--out", str(out)])
+        one_line_error(capsys, code, "bench length", str(out), needle)
+    assert (foreign / "work" / "thesis.tex").read_text() == "months of work"
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt", "results.json", "work"]
+    assert version_state(run_copy) == before

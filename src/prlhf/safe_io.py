@@ -314,3 +314,54 @@ def _inside_run_internals(folder: Path) -> bool:
         if child.name in ("versions", "checkpoints", "base") and looks_like_run(parent):
             return True
     return False
+
+
+# ------------------------------------------------------------------------------------------ results folders
+
+RESULTS_MARKER = ".prlhf-bench"  # {"bench": name}, written first into a benchmark's results folder
+HAND_WRITTEN = ("COMMAND.md",)  # what a person adds beside committed results (benchmarks/results/*)
+
+
+def results_folder_problem(folder: Path, bench: str, names: tuple[str, ...]) -> str | None:
+    """Why benchmark `bench`, which writes the entries `names` (its results file first; it removes its own
+    `work`), must not use `folder` (None: it may). Allowed: a new or empty folder, one this benchmark marked, or
+    an unmarked one holding its results file and only entries it writes (results from before the marker).
+    Everything else may be someone's data, and is refused."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        return "is a symlink (prlhf does not write through symlinks)"
+    if not folder.exists():
+        return "is inside a run directory's own files" if _inside_run_internals(folder.parent) else None
+    if not folder.is_dir():
+        return "is a file, not a folder"
+    if looks_like_run(folder) or _inside_run_internals(folder):
+        return "is a run directory (or inside one); a benchmark writes its own folder"
+    marker = folder / RESULTS_MARKER
+    if marker.is_file():
+        try:
+            owner = json.loads(marker.read_text())["bench"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            owner = None
+        return None if owner == bench else f"holds the results of another benchmark ({owner}); choose another folder"
+    present = [p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)]
+    foreign = sorted(set(present) - set(names + HAND_WRITTEN))
+    if foreign:
+        return f"is not empty and holds {foreign[0]!r}, which bench {bench} does not write; choose a new folder"
+    if present and names[0] not in present:  # e.g. a lone `work` folder: nothing says a benchmark made it
+        return f"is not empty and holds no {names[0]} of bench {bench}; choose a new folder"
+    return None
+
+
+@contextmanager
+def results_folder(folder: Path, bench: str, names: tuple[str, ...]) -> Iterator[Path]:
+    """Check `folder` (`results_folder_problem`, raising ValueError), create it, mark it as `bench`'s and hold
+    its lock while the block runs (a second benchmark into the same folder is refused, not interleaved)."""
+    folder = Path(folder)
+    problem = results_folder_problem(folder, bench, names)
+    if problem:
+        raise ValueError(f"--out {folder} {problem}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder, ValueError, f"bench {bench}"):
+        if not (folder / RESULTS_MARKER).is_file():
+            atomic_write_json(folder / RESULTS_MARKER, {"bench": bench})
+        yield folder

@@ -18,11 +18,15 @@ from prlhf.data.tasks.common import _atomic_write
 from prlhf.evaluate.report import save_figure
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.model.run_dir import load_run
+from prlhf.safe_io import results_folder
 from prlhf.train.loop import train
 
 METHODS = {"vanilla_dpo": {"user_model": "uniform"}, "p_dpo_individual": {"user_model": "individual"},
            "p_dpo_cluster": {"user_model": "cluster", "clusters": 2}}
 MAJORITY, MINORITY = "long", "short"  # the length task gives the majority share to long-preferring users
+
+# what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
+OUTPUTS = ("results.json", "report.md", "minority_vs_share.png", "work")
 
 
 def group_accuracy(result: dict, users: dict, group: str) -> float | None:
@@ -34,41 +38,41 @@ def run_length_bench(out: Path, shares: tuple[float, ...] = (0.5, 0.7, 0.9), qui
                      threads: int = 2, seed: int = 0, n_users: int = 20) -> dict:
     torch.set_num_threads(threads)
     pairs_per_user, epochs = (24, 3) if quick else (40, 3)
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    results: dict[str, dict] = {}
-    for p in shares:
-        task = build_length_task(n_seen_users=n_users, n_unseen_users=4, majority_share=p,
-                                 train_pairs_per_user=pairs_per_user, test_pairs_per_user=20, seed=seed)
-        data = task.write(work / f"p{p}" / "data")
-        groups = {g: sum(1 for u in task.seen_users if task.users[u]["group"] == g) for g in (MAJORITY, MINORITY)}
-        results[str(p)] = {"n_seen_users_by_group": groups, "methods": {}}
-        base = None
-        for name, overrides in METHODS.items():
-            run_dir = work / f"p{p}" / name
-            start = time.time()
-            train(TrainConfig(data=str(data["train"]), out=str(run_dir), model=base or "tiny", epochs=epochs,
-                              sft_steps=-1 if base is None else 0, lr=TINY_LR, seed=seed, threads=threads,
-                              report_to="none", **overrides), show_progress=False)
-            base = base or str(run_dir / "base")  # one warmed-up tiny base per p, shared by the methods
-            ev = evaluate_run(load_run(run_dir), task.test)
-            results[str(p)]["methods"][name] = {
-                "majority_accuracy": group_accuracy(ev, task.users, MAJORITY),
-                "minority_accuracy": group_accuracy(ev, task.users, MINORITY),
-                "mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
-                "unseen_accuracy": ev["unseen_accuracy"], "seconds": round(time.time() - start, 1)}
-            r = results[str(p)]["methods"][name]
-            print(f"p={p} {name}: majority {r['majority_accuracy']:.2f}, minority {r['minority_accuracy']:.2f}",
-                  flush=True)
-    doc = {"task": "length (tiny model)", "shares": results, "n_seen_users": n_users, "seed": seed,
-           "train_pairs_per_user": pairs_per_user, "epochs": epochs, "quick": quick, "threads": threads,
-           "machine": machine_summary()}
-    _atomic_write(out / "results.json", json.dumps(doc, indent=1) + "\n")
-    _atomic_write(out / "report.md", render(doc))
-    plot(doc, out / "minority_vs_share.png")
-    shutil.rmtree(work, ignore_errors=True)
-    return doc
+    with results_folder(out, "length", OUTPUTS):
+        work = out / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        results: dict[str, dict] = {}
+        for p in shares:
+            task = build_length_task(n_seen_users=n_users, n_unseen_users=4, majority_share=p,
+                                     train_pairs_per_user=pairs_per_user, test_pairs_per_user=20, seed=seed)
+            data = task.write(work / f"p{p}" / "data")
+            groups = {g: sum(1 for u in task.seen_users if task.users[u]["group"] == g) for g in (MAJORITY, MINORITY)}
+            results[str(p)] = {"n_seen_users_by_group": groups, "methods": {}}
+            base = None
+            for name, overrides in METHODS.items():
+                run_dir = work / f"p{p}" / name
+                start = time.time()
+                train(TrainConfig(data=str(data["train"]), out=str(run_dir), model=base or "tiny", epochs=epochs,
+                                  sft_steps=-1 if base is None else 0, lr=TINY_LR, seed=seed, threads=threads,
+                                  report_to="none", **overrides), show_progress=False)
+                base = base or str(run_dir / "base")  # one warmed-up tiny base per p, shared by the methods
+                ev = evaluate_run(load_run(run_dir), task.test)
+                results[str(p)]["methods"][name] = {
+                    "majority_accuracy": group_accuracy(ev, task.users, MAJORITY),
+                    "minority_accuracy": group_accuracy(ev, task.users, MINORITY),
+                    "mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
+                    "unseen_accuracy": ev["unseen_accuracy"], "seconds": round(time.time() - start, 1)}
+                r = results[str(p)]["methods"][name]
+                print(f"p={p} {name}: majority {r['majority_accuracy']:.2f}, minority {r['minority_accuracy']:.2f}",
+                      flush=True)
+        doc = {"task": "length (tiny model)", "shares": results, "n_seen_users": n_users, "seed": seed,
+               "train_pairs_per_user": pairs_per_user, "epochs": epochs, "quick": quick, "threads": threads,
+               "machine": machine_summary()}
+        _atomic_write(out / "results.json", json.dumps(doc, indent=1) + "\n")
+        _atomic_write(out / "report.md", render(doc))
+        plot(doc, out / "minority_vs_share.png")
+        shutil.rmtree(work, ignore_errors=True)
+        return doc
 
 
 def _f(x) -> str:

@@ -28,6 +28,7 @@ from prlhf.data.tokenize import encode_records
 from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.evaluate.report import save_figure
 from prlhf.model.run_dir import load_run
+from prlhf.safe_io import results_folder
 from prlhf.train.loop import train
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 
@@ -43,6 +44,9 @@ PRETRAINED_TRAIN_DEFAULTS = {"threads": 2, "batch_size": 64, "user_tokens": 4, "
 # batch ran out of 24 GB there, in fp32 and in bf16.
 CPU_MICRO_BATCH = 16
 SPLITS = {"pairs": "test_pairs", "statements": "test"}  # split -> file stem; statements = content-disjoint
+
+# what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
+OUTPUTS = ("results.json", "statements", "curves.json", "report.md", "accuracy.png", "learning_curves.png", "work")
 
 
 @dataclass(frozen=True)
@@ -138,98 +142,98 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                               train_pairs_per_user=size.train_pairs_per_user,
                               test_pairs_per_user=size.test_pairs_per_user, majority_share=majority_share,
                               seed=seed, data_dir=data_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    data = work / "data"
-    shutil.rmtree(work, ignore_errors=True)
-    as_trained = to_profile_ids(task) if profile_ids else (lambda records: records)
-    replace(task, train=as_trained(task.train)).write(data)
-    test_sets = {"pairs": task.extra["test_pairs"], "statements": task.test}
-    rng = random.Random(seed)
-    curve_files = []
-    for split, records in test_sets.items():  # a few pairs per user: learning curves at a bearable cost
-        by_user = defaultdict(list)
-        for r in records:
-            by_user[r.user_id].append(r)
-        subset = [r for u in sorted(by_user) for r in rng.sample(by_user[u], min(size.curve_pairs_per_user,
-                                                                                 len(by_user[u])))]
-        write_jsonl(data / f"curve_{split}.jsonl", as_trained(subset))
-        curve_files.append(str(data / f"curve_{split}.jsonl"))
-
-    profiles = {info["profile_id"] for info in task.users.values() if info["seen"]}
-    all_methods = method_overrides(len(profiles))
-    chosen = methods or [m for m in all_methods if m not in OPT_IN_METHODS]
-    unknown = [m for m in chosen if m not in all_methods]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(all_methods)}")
-    steps_per_epoch = math.ceil(math.ceil(len(task.train) / options["batch_size"]) / options.get("grad_accum", 1))
-    total_steps = math.ceil(size.epochs * steps_per_epoch)
-    base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs, seed=seed,
-                           eval_data=",".join(curve_files), eval_steps=math.ceil(total_steps / size.evals),
-                           report_to="none", max_length=160, max_prompt_length=128, log_steps=4, **options)
-    settings = run_settings(task, size, base_cfg, dims, profiles, total_steps, quick, profile_ids)
-
-    seen = set(task.seen_users)
-    results: dict[str, dict] = {split: {} for split in SPLITS}
-    curves: dict[str, list] = {}
-    first_run: Path | None = None
-    trained = [m for m in chosen if all_methods[m] is not None]
-    # prompting reuses the first trained run's base, so it goes right after it (not last: a cut-off run keeps it)
-    order = trained[:1] + [m for m in chosen if all_methods[m] is None] + trained[1:]
-    for name in order:
-        overrides = all_methods[name]
-        start = time.time()
-        if overrides is None:
-            if first_run is None:  # prompting scores a base; for tiny, that base is built and warmed up by a run
-                first_run = work / "runs" / "base_only"
-                train(replace(base_cfg, out=str(first_run), user_model="uniform", max_steps=1, eval_data=""),
-                      show_progress=False)
-            run = load_run(first_run, device=device)
-            train_seconds = 0.0
-        else:
-            run_dir = work / "runs" / name
-            summary = train(replace(base_cfg, out=str(run_dir), **overrides), show_progress=not quick)
-            train_seconds = summary["train_seconds"]
-            first_run = first_run or run_dir
-            run = load_run(run_dir, device=device)
-            curves[name] = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-        wall = time.time() - start
-        for split, file_stem in SPLITS.items():
-            records = test_sets[split]
-            cfg = run.config
-            with_text = cfg.use_user_text or overrides is None  # prompting: the profile text before the prompt
-            pairs = encode_records(as_trained(records), run.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                   with_text)
-            # the base is shared across methods (same seed): its log-probs come from the on-disk cache after the
-            # first method that saw these tokens
-            reference = cached_reference_logps(run.model, pairs, run.tokenizer.pad_token_id,
-                                               reference_cache_dir(cfg.reference_cache))
-            if overrides is None:  # the untrained base's own preference
-                margins = reference[0] - reference[1]
-            else:
-                margins = implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id,
-                                                  reference=reference)
-            # 'seen' = has training pairs (the trained registry holds the same ids, renamed under profile_ids)
-            ev = per_user_accuracy(records, margins, seen)
-            results[split][name] = {
-                "mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
-                "unseen_accuracy": ev["unseen_accuracy"], "train_seconds": round(train_seconds, 1),
-                "wall_seconds": round(wall, 1),
-                "per_dimension_accuracy": per_dimension(records, task.record_dimensions[file_stem], margins, seen),
-                "config": overrides,
-            }
-        logger.info("%s: pairs %.3f / statements %.3f", name, results["pairs"][name]["mean_user_accuracy"],
-                    results["statements"][name]["mean_user_accuracy"])
-        # after each method: a killed run keeps what finished
-        write_outputs(out, results, curves, settings, plots=False)
-        print(f"{name}: mean seen-user accuracy {results['pairs'][name]['mean_user_accuracy']:.3f} (pairs), "
-              f"{results['statements'][name]['mean_user_accuracy']:.3f} (statements); train {train_seconds:.0f} s",
-              flush=True)
-
-    docs = write_outputs(out, results, curves, settings, plots=True)
-    if not keep_runs:  # the data derived from the persona files stays out of the results folder too
+    with results_folder(out, "persona", OUTPUTS):
+        work = out / "work"
+        data = work / "data"
         shutil.rmtree(work, ignore_errors=True)
-    return docs
+        as_trained = to_profile_ids(task) if profile_ids else (lambda records: records)
+        replace(task, train=as_trained(task.train)).write(data)
+        test_sets = {"pairs": task.extra["test_pairs"], "statements": task.test}
+        rng = random.Random(seed)
+        curve_files = []
+        for split, records in test_sets.items():  # a few pairs per user: learning curves at a bearable cost
+            by_user = defaultdict(list)
+            for r in records:
+                by_user[r.user_id].append(r)
+            subset = [r for u in sorted(by_user) for r in rng.sample(by_user[u], min(size.curve_pairs_per_user,
+                                                                                     len(by_user[u])))]
+            write_jsonl(data / f"curve_{split}.jsonl", as_trained(subset))
+            curve_files.append(str(data / f"curve_{split}.jsonl"))
+
+        profiles = {info["profile_id"] for info in task.users.values() if info["seen"]}
+        all_methods = method_overrides(len(profiles))
+        chosen = methods or [m for m in all_methods if m not in OPT_IN_METHODS]
+        unknown = [m for m in chosen if m not in all_methods]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(all_methods)}")
+        steps_per_epoch = math.ceil(math.ceil(len(task.train) / options["batch_size"]) / options.get("grad_accum", 1))
+        total_steps = math.ceil(size.epochs * steps_per_epoch)
+        base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs, seed=seed,
+                               eval_data=",".join(curve_files), eval_steps=math.ceil(total_steps / size.evals),
+                               report_to="none", max_length=160, max_prompt_length=128, log_steps=4, **options)
+        settings = run_settings(task, size, base_cfg, dims, profiles, total_steps, quick, profile_ids)
+
+        seen = set(task.seen_users)
+        results: dict[str, dict] = {split: {} for split in SPLITS}
+        curves: dict[str, list] = {}
+        first_run: Path | None = None
+        trained = [m for m in chosen if all_methods[m] is not None]
+        # prompting reuses the first trained run's base, so it goes right after it (not last: a cut-off run keeps it)
+        order = trained[:1] + [m for m in chosen if all_methods[m] is None] + trained[1:]
+        for name in order:
+            overrides = all_methods[name]
+            start = time.time()
+            if overrides is None:
+                if first_run is None:  # prompting scores a base; for tiny, that base is built and warmed up by a run
+                    first_run = work / "runs" / "base_only"
+                    train(replace(base_cfg, out=str(first_run), user_model="uniform", max_steps=1, eval_data=""),
+                          show_progress=False)
+                run = load_run(first_run, device=device)
+                train_seconds = 0.0
+            else:
+                run_dir = work / "runs" / name
+                summary = train(replace(base_cfg, out=str(run_dir), **overrides), show_progress=not quick)
+                train_seconds = summary["train_seconds"]
+                first_run = first_run or run_dir
+                run = load_run(run_dir, device=device)
+                curves[name] = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+            wall = time.time() - start
+            for split, file_stem in SPLITS.items():
+                records = test_sets[split]
+                cfg = run.config
+                with_text = cfg.use_user_text or overrides is None  # prompting: the profile text before the prompt
+                pairs = encode_records(as_trained(records), run.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                       with_text)
+                # the base is shared across methods (same seed): its log-probs come from the on-disk cache after the
+                # first method that saw these tokens
+                reference = cached_reference_logps(run.model, pairs, run.tokenizer.pad_token_id,
+                                                   reference_cache_dir(cfg.reference_cache))
+                if overrides is None:  # the untrained base's own preference
+                    margins = reference[0] - reference[1]
+                else:
+                    margins = implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id,
+                                                      reference=reference)
+                # 'seen' = has training pairs (the trained registry holds the same ids, renamed under profile_ids)
+                ev = per_user_accuracy(records, margins, seen)
+                results[split][name] = {
+                    "mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
+                    "unseen_accuracy": ev["unseen_accuracy"], "train_seconds": round(train_seconds, 1),
+                    "wall_seconds": round(wall, 1),
+                    "per_dimension_accuracy": per_dimension(records, task.record_dimensions[file_stem], margins, seen),
+                    "config": overrides,
+                }
+            logger.info("%s: pairs %.3f / statements %.3f", name, results["pairs"][name]["mean_user_accuracy"],
+                        results["statements"][name]["mean_user_accuracy"])
+            # after each method: a killed run keeps what finished
+            write_outputs(out, results, curves, settings, plots=False)
+            print(f"{name}: mean seen-user accuracy {results['pairs'][name]['mean_user_accuracy']:.3f} (pairs), "
+                  f"{results['statements'][name]['mean_user_accuracy']:.3f} (statements); train {train_seconds:.0f} s",
+                  flush=True)
+
+        docs = write_outputs(out, results, curves, settings, plots=True)
+        if not keep_runs:  # the data derived from the persona files stays out of the results folder too
+            shutil.rmtree(work, ignore_errors=True)
+        return docs
 
 
 def to_profile_ids(task) -> Callable[[list], list]:

@@ -37,6 +37,7 @@ from prlhf.data.tokenize import encode_records
 from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.evaluate.report import save_figure
 from prlhf.model.run_dir import load_run
+from prlhf.safe_io import results_folder
 from prlhf.train.loop import train
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 from prlhf.users.adapt import adapt_users
@@ -49,6 +50,9 @@ MAX_LENGTH = 192
 DEFAULT_CONVERSATIONS = ("american-assembly.bowling-green",)  # 1,053 seen participants at the full size
 CLUSTERS = 10  # K of the authors' runs on real users (PRISM)
 BOOTSTRAP_SAMPLES = 2000
+
+# what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
+OUTPUTS = ("results.json", "report.md", "accuracy.png", "work")
 
 
 @dataclass(frozen=True)
@@ -118,66 +122,66 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
         raise ValueError("no participant has enough votes on both sides of the statement split")
     as_groups = to_group_ids(task)
 
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    if not reuse_runs:
-        shutil.rmtree(work, ignore_errors=True)
-    data = {False: work / "data" / "train.jsonl", True: work / "data_groups" / "train.jsonl"}
-    for by_group, path in data.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(path, as_groups(task.train) if by_group else task.train)
-    base_cfg = TrainConfig(data="", out="", model=model, epochs=size.epochs, seed=seed, report_to="none",
-                           max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, log_steps=20, **options)
-    settings = run_settings(task, size, base_cfg, split, quick)
+    with results_folder(out, "polis", OUTPUTS):
+        work = out / "work"
+        if not reuse_runs:
+            shutil.rmtree(work, ignore_errors=True)
+        data = {False: work / "data" / "train.jsonl", True: work / "data_groups" / "train.jsonl"}
+        for by_group, path in data.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(path, as_groups(task.train) if by_group else task.train)
+        base_cfg = TrainConfig(data="", out="", model=model, epochs=size.epochs, seed=seed, report_to="none",
+                               max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, log_steps=20, **options)
+        settings = run_settings(task, size, base_cfg, split, quick)
 
-    results: dict[str, dict] = {}
-    seen_accuracies: dict[str, dict[str, float]] = {}
-    unseen_correct: dict[str, dict[str, list[int]]] = {}
-    new_participants = None
-    for name in chosen:
-        overrides, by_group = METHODS[name]
-        cfg = replace(base_cfg, data=str(data[by_group]), out=str(work / "runs" / name), **overrides)
-        key = {"train_config": asdict(cfg), "n_test_pairs": len(task.test)}  # what a saved score must match
-        scored = load_saved(work / "scores" / f"{name}.json", key) if reuse_runs else None
-        run = None
-        if scored is None:
-            start = time.time()
-            run, summary, reused = trained_run(cfg, device, reuse_runs, show_progress=not quick)
-            margins = score_margins(run, task.test, as_groups if by_group else (lambda records: records))
-            # a reused run's wall time is its scoring only; its training time is in the summary
-            scored = {**key, "margins": margins.tolist(), "summary": summary, "reused_run": reused,
-                      "wall_seconds": round(time.time() - start, 1)}
-            save(work / "scores" / f"{name}.json", scored)
-        if name == ADAPTED_METHOD and size.adapt_users > 0:
-            adapt_key = {**key, "size": asdict(size), "adapt_steps": adapt_steps, "seed": seed}
-            saved = work / "scores" / "new_participants.json"
-            fitted = load_saved(saved, adapt_key) if reuse_runs else None
-            if fitted is None:
-                run = run or load_run(cfg.out, device=device)
-                fitted = {**adapt_key, "result": fit_new_participants(run, task, size, seed, adapt_steps)}
-                save(saved, fitted)
-            new_participants = fitted["result"]
-        margins, summary = torch.tensor(scored["margins"]), scored["summary"]
-        ev = per_user_accuracy(task.test, margins, seen)
-        per_user = ev.pop("per_user")
-        seen_accuracies[name] = {u: v["accuracy"] for u, v in per_user.items() if v["seen"]}
-        unseen_correct[name] = {"correct": [int(m > 0) for r, m in zip(task.test, margins.tolist())
-                                            if r.user_id not in seen]}
-        results[name] = {**ev, "n_seen_users": len(seen_accuracies[name]),
-                         "n_unseen_users": sum(1 for v in per_user.values() if not v["seen"]),
-                         "per_conversation_accuracy": per_conversation(seen_accuracies[name]),
-                         "train_seconds": round(summary["train_seconds"], 1), "steps": summary.get("steps"),
-                         "wall_seconds": scored["wall_seconds"], "reused_run": scored.get("reused_run", False),
-                         "config": {**overrides, "user_ids": "opinion group" if by_group else "participant"}}
-        print(f"{name}: mean seen-participant accuracy {ev['mean_user_accuracy']:.3f}, unseen "
-              f"{_f(ev['unseen_accuracy'])}; train {summary['train_seconds']:.0f} s", flush=True)
+        results: dict[str, dict] = {}
+        seen_accuracies: dict[str, dict[str, float]] = {}
+        unseen_correct: dict[str, dict[str, list[int]]] = {}
+        new_participants = None
+        for name in chosen:
+            overrides, by_group = METHODS[name]
+            cfg = replace(base_cfg, data=str(data[by_group]), out=str(work / "runs" / name), **overrides)
+            key = {"train_config": asdict(cfg), "n_test_pairs": len(task.test)}  # what a saved score must match
+            scored = load_saved(work / "scores" / f"{name}.json", key) if reuse_runs else None
+            run = None
+            if scored is None:
+                start = time.time()
+                run, summary, reused = trained_run(cfg, device, reuse_runs, show_progress=not quick)
+                margins = score_margins(run, task.test, as_groups if by_group else (lambda records: records))
+                # a reused run's wall time is its scoring only; its training time is in the summary
+                scored = {**key, "margins": margins.tolist(), "summary": summary, "reused_run": reused,
+                          "wall_seconds": round(time.time() - start, 1)}
+                save(work / "scores" / f"{name}.json", scored)
+            if name == ADAPTED_METHOD and size.adapt_users > 0:
+                adapt_key = {**key, "size": asdict(size), "adapt_steps": adapt_steps, "seed": seed}
+                saved = work / "scores" / "new_participants.json"
+                fitted = load_saved(saved, adapt_key) if reuse_runs else None
+                if fitted is None:
+                    run = run or load_run(cfg.out, device=device)
+                    fitted = {**adapt_key, "result": fit_new_participants(run, task, size, seed, adapt_steps)}
+                    save(saved, fitted)
+                new_participants = fitted["result"]
+            margins, summary = torch.tensor(scored["margins"]), scored["summary"]
+            ev = per_user_accuracy(task.test, margins, seen)
+            per_user = ev.pop("per_user")
+            seen_accuracies[name] = {u: v["accuracy"] for u, v in per_user.items() if v["seen"]}
+            unseen_correct[name] = {"correct": [int(m > 0) for r, m in zip(task.test, margins.tolist())
+                                                if r.user_id not in seen]}
+            results[name] = {**ev, "n_seen_users": len(seen_accuracies[name]),
+                             "n_unseen_users": sum(1 for v in per_user.values() if not v["seen"]),
+                             "per_conversation_accuracy": per_conversation(seen_accuracies[name]),
+                             "train_seconds": round(summary["train_seconds"], 1), "steps": summary.get("steps"),
+                             "wall_seconds": scored["wall_seconds"], "reused_run": scored.get("reused_run", False),
+                             "config": {**overrides, "user_ids": "opinion group" if by_group else "participant"}}
+            print(f"{name}: mean seen-participant accuracy {ev['mean_user_accuracy']:.3f}, unseen "
+                  f"{_f(ev['unseen_accuracy'])}; train {summary['train_seconds']:.0f} s", flush=True)
+            doc = results_document(results, settings, seen_accuracies, unseen_correct, new_participants, seed)
+            write_outputs(out, doc, plots=False)  # after each method: a killed run keeps what finished
         doc = results_document(results, settings, seen_accuracies, unseen_correct, new_participants, seed)
-        write_outputs(out, doc, plots=False)  # after each method: a killed run keeps what finished
-    doc = results_document(results, settings, seen_accuracies, unseen_correct, new_participants, seed)
-    write_outputs(out, doc, plots=True)
-    if not keep_runs:  # data derived from the Polis files stays out of the results folder
-        shutil.rmtree(work, ignore_errors=True)
-    return doc
+        write_outputs(out, doc, plots=True)
+        if not keep_runs:  # data derived from the Polis files stays out of the results folder
+            shutil.rmtree(work, ignore_errors=True)
+        return doc
 
 
 def load_saved(path: Path, key: dict) -> dict | None:

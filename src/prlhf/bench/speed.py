@@ -20,9 +20,13 @@ from pathlib import Path
 import torch
 
 from prlhf.bench.machine import machine_summary
+from prlhf.safe_io import atomic_write_text, results_folder
 
 WARMUP_STEPS = 3
 METHODS = ("trl_dpo", "prlhf_dpo", "prlhf_pdpo_a1", "prlhf_pdpo_a05")
+
+# what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
+OUTPUTS = ("speed.json", "speed.md")
 
 
 def _sizes(quick: bool) -> dict:
@@ -201,35 +205,36 @@ def generation_speed(setup: dict, new_tokens: int, repeats: int = 3) -> dict[str
 
 def run_speed_bench(out: Path, quick: bool = False, threads: int = 2) -> dict:
     torch.set_num_threads(threads)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="prlhf_speed_"))
-    setup = prepare(work, quick)
-    setup_path = work / "setup.json"
-    setup_path.write_text(json.dumps(setup))
-    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
-    for repeat in range(setup["repeats"]):
-        for method in METHODS:  # interleaved, so drifts in machine load hit every method alike
-            runs[method].append(measure_method(method, setup_path, work, threads))
-            print(f"[{repeat + 1}/{setup['repeats']}] {method}: {runs[method][-1]['pairs_per_s']:.1f} pairs/s, "
-                  f"peak RSS {runs[method][-1]['peak_rss_mb']:.0f} MB", flush=True)
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("pairs_per_s", "peak_rss_mb", "wall_s")}
-           for m, rs in runs.items()}
-    result = {
-        "pairs_per_s": {m: med[m]["pairs_per_s"] for m in METHODS},
-        "peak_rss_mb": {m: med[m]["peak_rss_mb"] for m in METHODS},
-        "wall_s": {m: med[m]["wall_s"] for m in METHODS},
-        "step_s_by_users": step_time_by_users(setup, setup["users"], sparse=True),
-        "step_s_by_users_dense_table": step_time_by_users(setup, setup["users"], sparse=False),
-        "gen_tokens_per_s": generation_speed(setup, setup["gen_tokens"]),
-        "setup": {k: setup[k] for k in ("n_pairs", "batch_size", "steps", "repeats")} | {
-            "model": "tiny (2-layer Llama, hidden 64)", "threads": threads, "quick": quick,
-            "machine": machine_summary()},
-    }
-    result["ratios"] = ratios(result)
-    (out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "speed.md").write_text(render(result))
-    print(render(result))
-    return result
+    # the runs' scratch files go to a temporary folder that is removed afterwards, even on an error
+    with results_folder(out, "speed", OUTPUTS), tempfile.TemporaryDirectory(prefix="prlhf_speed_") as scratch:
+        work = Path(scratch)
+        setup = prepare(work, quick)
+        setup_path = work / "setup.json"
+        setup_path.write_text(json.dumps(setup))
+        runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+        for repeat in range(setup["repeats"]):
+            for method in METHODS:  # interleaved, so drifts in machine load hit every method alike
+                runs[method].append(measure_method(method, setup_path, work, threads))
+                print(f"[{repeat + 1}/{setup['repeats']}] {method}: {runs[method][-1]['pairs_per_s']:.1f} pairs/s, "
+                      f"peak RSS {runs[method][-1]['peak_rss_mb']:.0f} MB", flush=True)
+        med = {m: {k: statistics.median(r[k] for r in rs) for k in ("pairs_per_s", "peak_rss_mb", "wall_s")}
+               for m, rs in runs.items()}
+        result = {
+            "pairs_per_s": {m: med[m]["pairs_per_s"] for m in METHODS},
+            "peak_rss_mb": {m: med[m]["peak_rss_mb"] for m in METHODS},
+            "wall_s": {m: med[m]["wall_s"] for m in METHODS},
+            "step_s_by_users": step_time_by_users(setup, setup["users"], sparse=True),
+            "step_s_by_users_dense_table": step_time_by_users(setup, setup["users"], sparse=False),
+            "gen_tokens_per_s": generation_speed(setup, setup["gen_tokens"]),
+            "setup": {k: setup[k] for k in ("n_pairs", "batch_size", "steps", "repeats")} | {
+                "model": "tiny (2-layer Llama, hidden 64)", "threads": threads, "quick": quick,
+                "machine": machine_summary()},
+        }
+        result["ratios"] = ratios(result)
+        atomic_write_text(out / "speed.json", json.dumps(result, indent=1) + "\n")
+        atomic_write_text(out / "speed.md", render(result))
+        print(render(result))
+        return result
 
 
 def ratios(r: dict) -> dict[str, float]:

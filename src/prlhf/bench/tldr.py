@@ -38,6 +38,7 @@ from prlhf.data.tokenize import encode_records
 from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.evaluate.report import save_figure
 from prlhf.model.run_dir import load_run
+from prlhf.safe_io import results_folder
 from prlhf.train.loop import train
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 from prlhf.users.adapt import adapt_users
@@ -59,6 +60,9 @@ COUNTERPARTS = {"p_dpo_individual": "vanilla_dpo", "p_dpo_cluster": "vanilla_dpo
 ADAPTED_METHOD = "p_dpo_individual"  # adapt_users fits P-DPO runs (reward-model runs are not supported)
 BOOTSTRAP_DRAWS = 2000
 MIN_RATE_PAIRS = 5  # a labeler's long rate enters the correlation only with this many held-out pairs
+
+# what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
+OUTPUTS = ("results.json", "report.md", "labelers.png", "work")
 
 
 @dataclass(frozen=True)
@@ -286,70 +290,70 @@ def run_tldr_bench(out: Path, model: str = "tiny", source: str | None = None, qu
                            min_comparisons=size.min_comparisons,
                            max_train_pairs_per_user=size.max_train_pairs_per_user,
                            max_test_pairs_per_user=size.max_test_pairs_per_user, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    data = work / "data"
-    if not reuse_runs:
-        shutil.rmtree(work, ignore_errors=True)
-    task.write(data)
-    seen = set(task.seen_users)
-    steps_per_epoch = math.ceil(math.ceil(len(task.train) / options["batch_size"]) / options.get("grad_accum", 1))
-    base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs, seed=seed,
-                           report_to="none", max_length=size.max_length, max_prompt_length=size.max_prompt_length,
-                           clusters=size.clusters, log_steps=4, **options)
-    settings = {"task": "tldr", "model": model, "seed": seed, "quick": quick, "size": size.__dict__,
-                "steps": math.ceil(size.epochs * steps_per_epoch), "n_train_pairs": len(task.train),
-                "n_test_pairs": len(task.test), "n_seen_users": len(seen), "n_unseen_users": len(task.unseen_users),
-                "batch_size": base_cfg.batch_size * base_cfg.grad_accum, "grad_accum": base_cfg.grad_accum,
-                "lr": base_cfg.resolved_lr(), "user_lr": base_cfg.resolved_user_lr(),
-                "user_code_lr": base_cfg.resolved_user_code_lr(), "user_tokens": base_cfg.user_tokens,
-                "threads": base_cfg.threads, "mixed_precision": base_cfg.mixed_precision,
-                "machine": machine_summary(), "users": task.users,
-                "data": {k: v for k, v in task.meta.items() if k != "attribution"}, "attribution": ATTRIBUTION,
-                "observed_long_rate": long_rates(task.test)}
-    # a reused run's scores count only for the same held-out pairs (same data, seed and sizes)
-    test_digest = hashlib.sha256(json.dumps([[r.user_id, r.prompt, r.chosen, r.rejected] for r in task.test]
-                                            ).encode()).hexdigest()
-    results: dict[str, dict] = {}
-    margins_by_method: dict[str, list[float]] = {}
-    doc = {**settings, "methods": results}
-    for name in chosen:
-        run_dir = work / "runs" / name
-        start = time.time()
-        cached = run_dir / "tldr_scores.json"
-        saved = json.loads(cached.read_text()) if reuse_runs and cached.is_file() else {}
-        recipe = json.loads(json.dumps({"method": METHODS[name], "size": size.__dict__, "options": options,
-                                        "model": model, "seed": seed}))  # what the run was trained with
-        if saved.get("test_digest") == test_digest and saved.get("recipe") == recipe:
-            margins, seconds = saved["margins"], saved["seconds"]
-            run = load_run(run_dir, device=device) if name == ADAPTED_METHOD else None
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            cpu_start = process_cpu_seconds()
-            summary = train(replace(base_cfg, out=str(run_dir), **METHODS[name]), show_progress=not quick)
-            run = load_run(run_dir, device=device)
-            margins = score(run, task.test, device)
-            seconds = {"train_seconds": round(summary["train_seconds"], 1),
-                       "wall_seconds": round(time.time() - start, 1),
-                       "cpu_seconds": round(process_cpu_seconds() - cpu_start, 1)}
-            _atomic_write(cached, json.dumps({"margins": margins, "seconds": seconds, "test_digest": test_digest,
-                                              "recipe": recipe}) + "\n")
-        margins_by_method[name] = margins
-        results[name] = method_result(task.test, margins, seen, METHODS[name], seconds)
-        doc["personalization"] = personalization(margins_by_method, task.test, seen, seed)
-        if name == ADAPTED_METHOD and size.adapt_ks:
-            unseen_test = [r for r in task.test if r.user_id not in seen]
-            doc["new_labelers"] = adapt_new_labelers(run, unseen_test, size, seed, device,
-                                                     base_cfg.mixed_precision == "bf16", base_cfg.batch_size)
-            doc["new_labelers"]["seen_mean_user_accuracy"] = results[name]["mean_user_accuracy"]
-        write_outputs(out, doc, plots=False)
-        r = results[name]
-        print(f"{name}: seen labelers {r['mean_user_accuracy']:.3f} (mean), unseen {r['unseen_accuracy']}; "
-              f"wall {seconds['wall_seconds']:.0f} s", flush=True)
-    write_outputs(out, doc, plots=True)
-    if not keep_runs:  # the data derived from the comparisons stays out of the results folder
-        shutil.rmtree(work, ignore_errors=True)
-    return doc
+    with results_folder(out, "tldr", OUTPUTS):
+        work = out / "work"
+        data = work / "data"
+        if not reuse_runs:
+            shutil.rmtree(work, ignore_errors=True)
+        task.write(data)
+        seen = set(task.seen_users)
+        steps_per_epoch = math.ceil(math.ceil(len(task.train) / options["batch_size"]) / options.get("grad_accum", 1))
+        base_cfg = TrainConfig(data=str(data / "train.jsonl"), out="", model=model, epochs=size.epochs, seed=seed,
+                               report_to="none", max_length=size.max_length, max_prompt_length=size.max_prompt_length,
+                               clusters=size.clusters, log_steps=4, **options)
+        settings = {"task": "tldr", "model": model, "seed": seed, "quick": quick, "size": size.__dict__,
+                    "steps": math.ceil(size.epochs * steps_per_epoch), "n_train_pairs": len(task.train),
+                    "n_test_pairs": len(task.test), "n_seen_users": len(seen), "n_unseen_users": len(task.unseen_users),
+                    "batch_size": base_cfg.batch_size * base_cfg.grad_accum, "grad_accum": base_cfg.grad_accum,
+                    "lr": base_cfg.resolved_lr(), "user_lr": base_cfg.resolved_user_lr(),
+                    "user_code_lr": base_cfg.resolved_user_code_lr(), "user_tokens": base_cfg.user_tokens,
+                    "threads": base_cfg.threads, "mixed_precision": base_cfg.mixed_precision,
+                    "machine": machine_summary(), "users": task.users,
+                    "data": {k: v for k, v in task.meta.items() if k != "attribution"}, "attribution": ATTRIBUTION,
+                    "observed_long_rate": long_rates(task.test)}
+        # a reused run's scores count only for the same held-out pairs (same data, seed and sizes)
+        test_digest = hashlib.sha256(json.dumps([[r.user_id, r.prompt, r.chosen, r.rejected] for r in task.test]
+                                                ).encode()).hexdigest()
+        results: dict[str, dict] = {}
+        margins_by_method: dict[str, list[float]] = {}
+        doc = {**settings, "methods": results}
+        for name in chosen:
+            run_dir = work / "runs" / name
+            start = time.time()
+            cached = run_dir / "tldr_scores.json"
+            saved = json.loads(cached.read_text()) if reuse_runs and cached.is_file() else {}
+            recipe = json.loads(json.dumps({"method": METHODS[name], "size": size.__dict__, "options": options,
+                                            "model": model, "seed": seed}))  # what the run was trained with
+            if saved.get("test_digest") == test_digest and saved.get("recipe") == recipe:
+                margins, seconds = saved["margins"], saved["seconds"]
+                run = load_run(run_dir, device=device) if name == ADAPTED_METHOD else None
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                cpu_start = process_cpu_seconds()
+                summary = train(replace(base_cfg, out=str(run_dir), **METHODS[name]), show_progress=not quick)
+                run = load_run(run_dir, device=device)
+                margins = score(run, task.test, device)
+                seconds = {"train_seconds": round(summary["train_seconds"], 1),
+                           "wall_seconds": round(time.time() - start, 1),
+                           "cpu_seconds": round(process_cpu_seconds() - cpu_start, 1)}
+                _atomic_write(cached, json.dumps({"margins": margins, "seconds": seconds, "test_digest": test_digest,
+                                                  "recipe": recipe}) + "\n")
+            margins_by_method[name] = margins
+            results[name] = method_result(task.test, margins, seen, METHODS[name], seconds)
+            doc["personalization"] = personalization(margins_by_method, task.test, seen, seed)
+            if name == ADAPTED_METHOD and size.adapt_ks:
+                unseen_test = [r for r in task.test if r.user_id not in seen]
+                doc["new_labelers"] = adapt_new_labelers(run, unseen_test, size, seed, device,
+                                                         base_cfg.mixed_precision == "bf16", base_cfg.batch_size)
+                doc["new_labelers"]["seen_mean_user_accuracy"] = results[name]["mean_user_accuracy"]
+            write_outputs(out, doc, plots=False)
+            r = results[name]
+            print(f"{name}: seen labelers {r['mean_user_accuracy']:.3f} (mean), unseen {r['unseen_accuracy']}; "
+                  f"wall {seconds['wall_seconds']:.0f} s", flush=True)
+        write_outputs(out, doc, plots=True)
+        if not keep_runs:  # the data derived from the comparisons stays out of the results folder
+            shutil.rmtree(work, ignore_errors=True)
+        return doc
 
 
 def process_cpu_seconds() -> float:

@@ -217,14 +217,20 @@ def cmd_bench_length(args) -> int:
     shares = tuple(float(x) for x in args.shares.split(","))
     if not all(0.5 <= x < 1.0 for x in shares):
         raise ConfigError("bench length: --shares must lie in [0.5, 1)")
-    run_length_bench(Path(args.out), shares=shares, quick=args.quick, threads=args.threads, seed=args.seed)
+    try:
+        run_length_bench(Path(args.out), shares=shares, quick=args.quick, threads=args.threads, seed=args.seed)
+    except ValueError as exc:
+        raise ConfigError(f"bench length: {exc}") from None
     return 0
 
 
 def cmd_bench_speed(args) -> int:
     from prlhf.bench.speed import run_speed_bench
 
-    run_speed_bench(Path(args.out), quick=args.quick, threads=args.threads)
+    try:
+        run_speed_bench(Path(args.out), quick=args.quick, threads=args.threads)
+    except ValueError as exc:
+        raise ConfigError(f"bench speed: {exc}") from None
     return 0
 
 
