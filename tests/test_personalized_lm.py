@@ -192,3 +192,23 @@ def test_logits_only_from_the_first_response_position_change_nothing(arch, tiny_
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
     assert len(results[0][1]) == len(results[1][1]) > 0
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_an_lm_without_adapters_needs_a_frozen_reference_copy(tiny_tokenizer):
+    import copy
+
+    model = make("llama", tiny_tokenizer, lora=False)
+    batch = batch_for(tiny_tokenizer)
+    with pytest.raises(TypeError, match="reference_lm="):  # before: pi_ref silently was the policy
+        model.reference_logps(batch.input_ids, batch.attention_mask, batch.labels)
+    with_copy = PersonalizedLM(model.lm, model.user_model, model.prefix_len,
+                               reference_lm=copy.deepcopy(model.lm)).train()
+    with torch.no_grad():
+        frozen = with_copy.reference_logps(batch.input_ids, batch.attention_mask, batch.labels)
+        for p in with_copy.lm.parameters():  # a "training step" on the policy
+            p.add_(0.01 * torch.randn_like(p))
+        after = with_copy.reference_logps(batch.input_ids, batch.attention_mask, batch.labels)
+        policy = with_copy(batch.input_ids, batch.attention_mask, batch.labels, None)
+    assert torch.equal(frozen, after) and not torch.allclose(after, policy, atol=1e-3)
+    assert not with_copy.reference_lm.training and not any(p.requires_grad for p in with_copy.reference_lm.parameters())
+    assert with_copy.lm is model.lm  # the policy is back after the reference pass

@@ -95,6 +95,7 @@ def test_grouping_keys_on_user_and_prompt_and_declines_when_nothing_is_shared(ti
 
 def test_training_with_shared_prompts_reaches_the_same_weights(task_dir, tmp_path, monkeypatch):
     """Three P-DPO steps (LoRA dropout off: with it on, a shared prompt draws one mask for all its rows)."""
+    from test_invariants import max_difference_over_lr
     from test_train_resume import config, trained_weights
 
     shared_calls = []
@@ -108,10 +109,17 @@ def test_training_with_shared_prompts_reaches_the_same_weights(task_dir, tmp_pat
     runs = {}
     for share in (False, True):
         out = tmp_path / f"share_{share}"
-        train(config(task_dir, out, max_steps=3, lora_dropout=0.0, share_prompts=share), show_progress=False)
+        cfg = config(task_dir, out, max_steps=3, lora_dropout=0.0, share_prompts=share)
+        train(cfg, show_progress=False)
         runs[share] = trained_weights(out)
         assert (True in shared_calls) == share  # training steps took the shared path only when asked
     assert runs[True].keys() == runs[False].keys()
     assert any(k.startswith("user_model.") for k in runs[True]) and any("lora_B" in k for k in runs[True])
-    for name, w in runs[False].items():
-        assert torch.allclose(runs[True][name], w, atol=1e-5, rtol=0), name
+    # The same sums in another order. The gradients agree to rounding (the gradient test above), but AdamW's
+    # first step is lr * g / (|g| + eps): where a gradient is near eps its rounding moves the weight by a
+    # fraction of lr. Run alone this test measured 1.17e-2 of lr (k_proj lora_B, from step 1 on; lr 1e-3), so
+    # the old 1e-5 absolute bound held only in the full suite's order; 5e-2 of lr still catches a wrong step,
+    # which moves weights by whole multiples of lr.
+    diff = max_difference_over_lr(tmp_path / "share_False", tmp_path / "share_True", cfg)
+    print(f"shared vs unshared prompts: max |weight difference| / group lr = {diff:.3e}")
+    assert diff <= 5e-2, diff

@@ -25,9 +25,12 @@ from prlhf.users.models import UserModel
 
 class PersonalizedLM(nn.Module):
     def __init__(self, lm: PreTrainedModel | PeftModel, user_model: UserModel, prefix_len: int,
-                 share_prompts: bool = True):
+                 share_prompts: bool = True, reference_lm: PreTrainedModel | None = None):
         super().__init__()
         self.lm = lm
+        # pi_ref of an LM without adapters (a full fine-tune): a frozen copy made before training; a PEFT LM
+        # needs none (its base with the adapters off is pi_ref)
+        self.reference_lm = reference_lm.requires_grad_(False).eval() if reference_lm is not None else None
         self.user_model = user_model
         self.prefix_len = prefix_len  # 1 when sequences start with BOS (user tokens go after it), else 0
         # Score rows that share a prompt from one prefix forward (prompt_sharing.py). Off under activation
@@ -35,6 +38,12 @@ class PersonalizedLM(nn.Module):
         self.share_prompts = share_prompts
         self._supports_logits_to_keep: bool | None = None
         self._cache_kwarg: str | None = None
+
+    def train(self, mode: bool = True) -> PersonalizedLM:
+        super().train(mode)
+        if self.reference_lm is not None:
+            self.reference_lm.eval()  # frozen: no dropout in pi_ref, whatever the policy's mode
+        return self
 
     @property
     def num_user_tokens(self) -> int:
@@ -128,12 +137,21 @@ class PersonalizedLM(nn.Module):
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """pi_ref: adapters off (a full fine-tune has no adapters: callers keep a frozen copy instead)."""
+        """pi_ref: adapters off, or the frozen `reference_lm` of an LM without adapters."""
         if isinstance(self.lm, PeftModel):
             with self.lm.disable_adapter():
                 yield
-        else:
+            return
+        if self.reference_lm is None:  # else pi_ref would silently be the policy itself
+            raise TypeError("the LM has no adapters, so its reference policy needs reference_lm= (a frozen copy "
+                            "made before training, e.g. copy.deepcopy(lm)), or add LoRA first "
+                            "(prlhf.model.loading.add_lora)")
+        policy = self.lm
+        self.lm = self.reference_lm
+        try:
             yield
+        finally:
+            self.lm = policy
 
     @torch.no_grad()
     def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
