@@ -25,7 +25,7 @@ from prlhf.bench.machine import machine_summary
 from prlhf.config import TINY_LR, TrainConfig
 from prlhf.data.tasks import build_length_task
 from prlhf.evaluate.run_eval import evaluate_run
-from prlhf.model.run_dir import load_run
+from prlhf.runs.directory import load_run
 from prlhf.train.loop import train
 
 

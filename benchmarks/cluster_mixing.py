@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from prlhf.model.run_dir import current_version
+from prlhf.runs.directory import current_version
 from prlhf.train.checkpoint import list_checkpoints
 
 

@@ -17,7 +17,7 @@ import torch
 from prlhf.config import TrainConfig
 from prlhf.data.tasks import build_length_task
 from prlhf.evaluate.run_eval import evaluate_run
-from prlhf.model.run_dir import load_run
+from prlhf.runs.directory import load_run
 from prlhf.train.loop import train
 
 

@@ -2,7 +2,7 @@
 
 Trains a P-DPO individual run on the style task's 16 seen users (`prlhf train --model tiny`, default settings),
 then, for each of 8 unseen users, keeps a fixed held-out set of 25 of their 45 pairs and adapts their embedding
-(`prlhf.users.adapt.adapt_users`, LM and known users frozen) on k of the other 20, for k in {0, 1, 2, 5, 10, 20}
+(`prlhf.train.adapt.adapt_users`, LM and known users frozen) on k of the other 20, for k in {0, 1, 2, 5, 10, 20}
 (k = 0 is the generic user). Each k > 0 is repeated over several draws of the k pairs. A second run, trained on
 the same task with `user_text` profiles, measures the text warm start (k = 0, 1, 2, 5, with and without).
 
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from prlhf.config import ADAPT_LR_FACTOR, DEFAULT_STEPS
 from prlhf.data.tasks import build_style_task
 from prlhf.evaluate.run_eval import evaluate_run
-from prlhf.model.run_dir import load_run
-from prlhf.users.adapt import DEFAULT_STEPS, adapt_users, default_adapt_lr
-from prlhf.users.defaults import ADAPT_LR_FACTOR
+from prlhf.runs.directory import load_run
+from prlhf.train.adapt import adapt_users, default_adapt_lr
 
 KS = (0, 1, 2, 5, 10, 20)
 WARM_KS = (0, 1, 2, 5)

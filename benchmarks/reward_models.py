@@ -26,7 +26,7 @@ from prlhf.data.tasks import build_length_task, build_style_task
 from prlhf.evaluate.generation import generate_texts
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.evaluate.scoring import score_responses
-from prlhf.model.run_dir import load_run
+from prlhf.runs.directory import load_run
 from prlhf.train.loop import train
 
 METHODS = {

@@ -15,9 +15,8 @@ from dataclasses import replace
 import torch
 
 from prlhf.data.loading import load_records
-from prlhf.data.tokenize import encode_records
-from prlhf.evaluate.accuracy import implicit_reward_margins
-from prlhf.model.run_dir import load_run
+from prlhf.model.scoring import implicit_reward_margins
+from prlhf.runs.directory import load_run
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 
 
@@ -30,7 +29,7 @@ def main(run_dir: str, data: str) -> dict:
             first_user_of.setdefault(info["profile_id"], uid)
     records = [r for r in load_records(f"{data}/test.jsonl") if users[r.user_id]["seen"]]
     cfg, pad = run.config, run.tokenizer.pad_token_id
-    pairs = encode_records(records, run.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.use_user_text)
+    pairs = run.encode(records)
     reference = cached_reference_logps(run.model, pairs, pad, reference_cache_dir(cfg.reference_cache))
 
     def margins(user_ids: list[str]) -> torch.Tensor:  # (N,), the same pairs under other users' tokens

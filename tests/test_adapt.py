@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from prlhf.cli.main import main
-from prlhf.config import ConfigError, TrainConfig
+from prlhf.config import ADAPT_LR_FACTOR, ConfigError, TrainConfig
+from prlhf.data.collate import collate_pairs
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tasks import build_length_task
-from prlhf.data.tokenize import collate_pairs, encode_records
-from prlhf.model.run_dir import RunError, current_version, load_run
+from prlhf.data.tokenize import encode_records
+from prlhf.runs.directory import RunError, current_version, load_run
+from prlhf.runs.users import read_user_table, save_adapted_run
 from prlhf.safe_io import TMP_PREFIX
+from prlhf.train.adapt import (adapt_users, default_adapt_lr, initial_rows, jaccard, split_holdout,
+                               text_neighbours)
 from prlhf.train.loop import train
-from prlhf.users.adapt import (adapt_users, default_adapt_lr, initial_rows, jaccard, mean_row, save_adapted_run,
-                               split_holdout, text_neighbours)
-from prlhf.users.defaults import ADAPT_LR_FACTOR
-from prlhf.users.manage import read_user_table
 
 TINY = dict(sft_steps=5, epochs=1, max_steps=6, batch_size=4, user_tokens=2, threads=1, seed=0, lora_dropout=0.0)
 
@@ -148,7 +148,7 @@ def test_text_warm_start_helpers(cluster_dir):
     assert jaccard("a b", "b c") == pytest.approx(1 / 3)
     # cluster: the warm start's mixture is the mean of the matched users' mixtures (= their mean embedding)
     table = read_user_table(cluster_dir)
-    row = mean_row(table, ["user_01", "user_02"])
+    row = table.to_module().mean_row(table.rows[[1, 2]].float())
     mixes = torch.softmax(table.rows[[1, 2]], dim=-1)
     torch.testing.assert_close(torch.softmax(row, dim=-1), mixes.mean(0))
     rows, source = initial_rows(table, ["new_a", "new_b"], "text", {"new_a": "likes X"},
@@ -161,7 +161,7 @@ def test_save_adapted_run_is_a_full_copy(run_dir, task, tmp_path):
     run = load_run(run_dir)
     new_run, report = adapt_users(run, unseen(task), steps=3, show_progress=False)
     out = save_adapted_run(run_dir, new_run, tmp_path / "adapted", report)
-    names = {p.name for p in out.iterdir()}  # the artifacts live in the run's version v1 (prlhf.model.run_dir)
+    names = {p.name for p in out.iterdir()}  # the artifacts live in the run's version v1 (prlhf.runs.directory)
     version = current_version(out)
     assert version == out / "versions" / "v1"
     assert {"base", "config.yaml", "run.json", "versions"} <= names

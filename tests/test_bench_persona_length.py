@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import write_persona_traits
 
-from prlhf.bench import persona
+from prlhf.bench import experiment, persona
 from prlhf.bench.length import run_length_bench
 from prlhf.cli.main import main
-from prlhf.model.run_dir import current_version
+from prlhf.runs.directory import current_version
 
 
 @pytest.fixture
@@ -30,7 +30,8 @@ def test_persona_bench_writes_both_splits(toy_persona, monkeypatch):
         return real_train(cfg, **kwargs)
 
     real_train = persona.train
-    monkeypatch.setattr(persona, "train", recording_train)
+    monkeypatch.setattr(persona, "train", recording_train)  # prompting's base
+    monkeypatch.setattr(experiment, "train", recording_train)  # the trained methods
     code = main(["bench", "persona", "--quick", "--out", str(out), "--threads", "1", "--persona-dir", str(data),
                  "--methods", "vanilla_dpo,p_dpo_individual,p_dpo_cluster,prompting", "--curve-points", "3",
                  "--user-lr", "0.02"])
@@ -143,3 +144,41 @@ def test_persona_bench_refuses_unknown_training_options(tmp_path):
     with pytest.raises(ValueError, match="user_lrr"):
         persona.run_persona_bench(tmp_path / "out", quick=True, user_lrr=1e-3)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_bench_leaves_an_experiment_record_that_reruns_it(tmp_path, monkeypatch, capsys):
+    from functools import partial
+
+    from prlhf.bench import length
+
+    # seconds, not minutes: 4 users, one method
+    monkeypatch.setattr(length, "run_length_bench", partial(length.run_length_bench, n_users=4))
+    monkeypatch.setattr(length, "METHODS", {"p_dpo_individual": length.METHODS["p_dpo_individual"]})
+    first, again = tmp_path / "first", tmp_path / "again"
+    command = ["bench", "length", "--quick", "--shares", "0.7", "--threads", "1", "--out", str(first)]
+    assert main(command) == 0
+    record = (first / "experiment.yaml").read_text()
+    assert record.splitlines()[0] == "# prlhf " + " ".join(command)  # the command in its header
+    assert "bench: length" in record and "shares:\n  - 0.7" in record
+
+    assert main(["bench", "rerun", str(first / "experiment.yaml"), "--out", str(again)]) == 0
+    a, b = (json.loads((d / "results.json").read_text())["shares"] for d in (first, again))
+    drop_times = lambda doc: {m: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+                              for m, r in doc["0.7"]["methods"].items()}
+    assert drop_times(a) == drop_times(b)  # same arguments, same seed: the same figures
+    assert (again / "experiment.yaml").read_text().splitlines()[0].startswith("# prlhf bench rerun ")
+
+
+def test_rerun_refuses_what_is_not_an_experiment_record(tmp_path, capsys):
+    not_a_record = tmp_path / "results.json"
+    not_a_record.write_text("{}\n")
+    assert main(["bench", "rerun", str(not_a_record), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an experiment record" in err and "results.json" in err
+    edited = tmp_path / "experiment.yaml"
+    edited.write_text("format: prlhf-experiment/1\nbench: length\narguments: {shares: [0.7], colour: red}\n")
+    assert main(["bench", "rerun", str(edited), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "takes no argument(s) colour" in err
+    assert not (tmp_path / "o").exists()

@@ -208,7 +208,9 @@ def test_train_rejects_missing_config_file(tmp_path, capsys, good_data):
     (["--beta", "0"], ("beta", "> 0")),
     (["--user-tokens", "0"], ("user_tokens",)),
     (["--max-length", "64", "--max-prompt-length", "64"], ("max_length",)),
-], ids=["alpha_out_of_range", "unknown_user_model", "beta_zero", "no_user_tokens", "prompt_not_shorter"])
+    (["--objective", "rm", "--beta", "0.1"], ("beta", "objective dpo only")),
+], ids=["alpha_out_of_range", "unknown_user_model", "beta_zero", "no_user_tokens", "prompt_not_shorter",
+        "beta_under_rm"])
 def test_train_rejects_bad_flag_values(tmp_path, capsys, good_data, flags, fragments):
     out_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, ["train", "--data", str(good_data), "--out", str(out_dir), "--quiet", *flags])

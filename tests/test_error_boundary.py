@@ -22,9 +22,9 @@ from test_train_resume import finished_run  # noqa: F401 (a fixture: a tiny trai
 
 import prlhf.train.setup
 from prlhf.data.loading import load_records
-from prlhf.model.run_dir import load_run
+from prlhf.runs.directory import load_run
+from prlhf.train.adapt import adapt_users
 from prlhf.train.loop import TrainingDiverged
-from prlhf.users.adapt import adapt_users
 
 # Longest line an error may print: the prefix, the bounded message and the `(in prlhf ...)` place and hint.
 MAX_LINE = 1100

@@ -12,9 +12,9 @@ from prlhf.data.loading import load_records
 from prlhf.data.schema import DataError
 from prlhf.data.tasks import build_length_task
 from prlhf.data.tokenize import encode_records
-from prlhf.evaluate.accuracy import implicit_reward_margins
 from prlhf.evaluate.run_eval import evaluate_run
-from prlhf.model.run_dir import load_run
+from prlhf.model.scoring import implicit_reward_margins
+from prlhf.runs.directory import load_run
 from prlhf.train.loop import train
 
 SMALL = dict(sft_steps=5, epochs=1, max_steps=6, batch_size=4, log_steps=2, user_tokens=2, threads=1, seed=0,

@@ -14,13 +14,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from transaction_helpers import TINY, committed_entries, fresh_copy, run_forked, train_argv, version_state
 
 from prlhf.config import TrainConfig
-from prlhf.model.run_dir import RunError, load_run, version_names
+from prlhf.runs.directory import RunError, load_run, version_names
+from prlhf.runs.users import delete_user, export_users
 from prlhf.safe_io import TMP_PREFIX, remove_stale_temp_dirs
 from prlhf.train.loop import train
-from prlhf.users.manage import delete_user, export_users
-from transaction_helpers import TINY, committed_entries, fresh_copy, run_forked, train_argv, version_state
 
 pytestmark = pytest.mark.slow  # about 2-4 minutes in all on 2 busy cores: five commands, ~90 kills
 # Files that name the run's own path (config.yaml's `out`, the adapter's base_model_name_or_path): they differ

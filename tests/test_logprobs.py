@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from prlhf.model.logprobs import IGNORE_INDEX, sequence_logps
+from prlhf.data.collate import IGNORE_INDEX
+from prlhf.model.logprobs import sequence_logps
 
 
 def test_one_token_shift_and_masking():

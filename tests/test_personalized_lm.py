@@ -4,12 +4,13 @@ import time
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, tiny_architecture
+
+from prlhf.data.collate import IGNORE_INDEX, collate_pairs
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tokenize import adds_bos, collate_pairs, encode_records
+from prlhf.data.tokenize import adds_bos, encode_records
 from prlhf.model.loading import add_lora, ensure_pad_token
-from prlhf.model.logprobs import IGNORE_INDEX, sequence_logps
+from prlhf.model.logprobs import sequence_logps
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.users.models import build_user_model
 

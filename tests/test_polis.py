@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from prlhf.bench import experiment
 from prlhf.bench import polis as polis_bench
 from prlhf.cli.main import main
 from prlhf.data.schema import DataError
@@ -266,7 +267,7 @@ def test_bench_polis_quick_writes_results(source, tmp_path, monkeypatch) -> None
     def no_training(*args, **kwargs):
         raise AssertionError("a finished method was trained again")
 
-    monkeypatch.setattr(polis_bench, "train", no_training)
+    monkeypatch.setattr(experiment, "train", no_training)
     assert main(args + ["--reuse-runs"]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["methods"] == first["methods"] and doc["new_participants"] == first["new_participants"]

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import tiny_architecture
+
 from prlhf.cli.main import main
 from prlhf.model import presets
 from prlhf.model.loading import input_embeddings_as_seen
@@ -82,7 +82,7 @@ def test_gemma3_is_joined_converted_trained_evaluated_and_generates(monkeypatch,
     tokenizes as Google's tokenizer.json does (ids below checked against it), two P-DPO steps, eval, generation."""
     from transformers import AutoTokenizer
 
-    from prlhf.model.run_dir import current_version
+    from prlhf.runs.directory import current_version
 
     monkeypatch.setenv("PRLHF_CACHE_DIR", str(tmp_path))
     data, run = tmp_path / "data", tmp_path / "run"
@@ -241,7 +241,7 @@ def test_training_starts_soft_tokens_on_the_seen_scale(tiny_tokenizer, task_dir,
     run = tmp_path / "run"
     assert main(["train", "--data", str(task_dir / "train.jsonl"), "--out", str(run), "--model", str(folder),
                  "--max-steps", "1", "--batch-size", "2", "--user-tokens", "2", "--quiet", "--threads", "1"]) == 0
-    from prlhf.model.run_dir import load_run
+    from prlhf.runs.directory import load_run
 
     loaded = load_run(run)
     generic = loaded.model.user_model.generic.detach()  # (T_u, d), one Adam step from its start

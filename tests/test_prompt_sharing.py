@@ -3,10 +3,11 @@ architecture, and really runs one prefix per distinct (user, prompt)."""
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, tiny_architecture
+
+from prlhf.data.collate import collate_pairs
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tokenize import adds_bos, collate_pairs, encode_records
+from prlhf.data.tokenize import adds_bos, encode_records
 from prlhf.model.loading import add_lora, ensure_pad_token
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.prompt_sharing import group_by_prompt

@@ -1,9 +1,9 @@
 """The on-disk reference log-prob cache: reused when nothing changed, recomputed when anything did."""
 
 import torch
+from conftest import tiny_architecture
 
 import prlhf.train.reference as reference
-from conftest import tiny_architecture
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tokenize import encode_records
 from prlhf.model.loading import add_lora

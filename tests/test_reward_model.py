@@ -13,15 +13,16 @@ from conftest import ARCHITECTURES, tiny_architecture
 
 from prlhf.cli.main import main
 from prlhf.config import ConfigError, TrainConfig
+from prlhf.data.collate import collate_pairs
 from prlhf.data.loading import load_records
 from prlhf.data.tasks import build_style_task
-from prlhf.data.tokenize import adds_bos, collate_pairs, encode_records
+from prlhf.data.tokenize import adds_bos, encode_records
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.evaluate.scoring import RewardFunction, best_of_n, score_responses
 from prlhf.losses import bradley_terry_loss, p_rm_loss
 from prlhf.model.loading import add_lora, ensure_pad_token
 from prlhf.model.reward import PersonalizedRewardModel
-from prlhf.model.run_dir import RunError, current_version, load_run
+from prlhf.runs.directory import RunError, current_version, load_run
 from prlhf.train.loop import train
 from prlhf.users.models import build_user_model
 

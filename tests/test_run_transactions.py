@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_resume import assert_same_weights, interrupt_after_step_2
+from transaction_helpers import TINY, fresh_copy, run_forked, start_forked, train_argv, version_state, wait_forked
 
 from prlhf.cli.main import main
 from prlhf.config import TrainConfig
-from prlhf.model.run_dir import RunError, current_version, load_run
+from prlhf.runs.directory import RunError, current_version, load_run
+from prlhf.runs.users import delete_user, read_user_table, write_user_table
 from prlhf.safe_io import TMP_PREFIX
 from prlhf.train.loop import train
-from prlhf.users.manage import delete_user, read_user_table, write_user_table
-from test_train_resume import assert_same_weights, interrupt_after_step_2
-from transaction_helpers import TINY, fresh_copy, run_forked, start_forked, train_argv, version_state, wait_forked
 
 
 def one_line_error(capsys, code: int, *needles: str) -> str:
@@ -203,9 +203,10 @@ def test_restart_before_the_first_checkpoint_gives_the_uninterrupted_weights(tas
     reuses the saved base without that RNG state started LoRA from other random numbers (max difference 0.34
     here). It must give the uninterrupted run's weights, bitwise."""
     from conftest import TEXTS, save_tiny_architecture
-    from prlhf.model.tiny import build_tiny_tokenizer
+
     import prlhf.train.loop as loop
     import prlhf.train.setup as setup
+    from prlhf.model.tiny import build_tiny_tokenizer
 
     model = save_tiny_architecture("gpt2", build_tiny_tokenizer(TEXTS, vocab_size=300), tmp_path / "gpt2")
     a_cfg = tiny_config(task_dir, tmp_path / "A", model=str(model), sft_steps=3, max_steps=3, save_steps=2,

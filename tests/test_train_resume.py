@@ -19,7 +19,7 @@ from prlhf.cli.main import main
 from prlhf.config import TrainConfig, load_config_file
 from prlhf.data.loading import load_records
 from prlhf.evaluate.run_eval import evaluate_run
-from prlhf.model.run_dir import current_version, load_run
+from prlhf.runs.directory import current_version, load_run
 from prlhf.train.checkpoint import list_checkpoints
 from prlhf.train.loop import train
 
@@ -79,7 +79,7 @@ def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
 
 
 def test_run_dir_holds_every_artifact(finished_run):
-    version = finished_run / "versions" / "v1"  # the artifacts live in the current version (prlhf.model.run_dir)
+    version = finished_run / "versions" / "v1"  # the artifacts live in the current version (prlhf.runs.directory)
     assert current_version(finished_run) == version
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "user_model.safetensors",
                  "user_model.json", "users.json", "config.yaml", "tokenizer/tokenizer.json", "manifest.json"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prlhf.users.models import build_user_model, user_model_from_config
+from prlhf.users.models import KINDS, RowsOverShared, build_user_model, user_model_from_config
 from prlhf.users.registry import GENERIC_INDEX, UserRegistry
 
 
@@ -66,9 +66,9 @@ def test_uniform_has_no_tokens():
     assert um.num_tokens == 0 and um(torch.tensor([1, 2])).shape == (2, 0, 4)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "individual", "cluster"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_config_round_trip(kind):
-    um = build_user_model(kind, 3, 2, 4, num_clusters=3, init="uniform")
+    um = build_user_model(kind, 3, 2, 4, num_clusters=3, rank=2, init="uniform")
     again = user_model_from_config(um.config())
     again.load_state_dict(um.state_dict())
     idx = torch.tensor([0, 1, 2, 3])
@@ -80,3 +80,35 @@ def test_unknown_kind_and_init():
         build_user_model("bogus", 1, 1, 4)
     with pytest.raises(ValueError, match="unknown init"):
         build_user_model("individual", 1, 1, 4, init="bogus")
+
+
+PERSONALIZED = [k for k, cls in KINDS.items() if cls.row_key is not None]
+
+
+@pytest.mark.parametrize("kind", PERSONALIZED)
+def test_each_kind_owns_its_row_semantics(kind):
+    """The contract the code that edits and fits users relies on (prlhf.runs.users, prlhf.train.adapt): a new kind
+    passes this test or those commands do not work with it."""
+    um = build_user_model(kind, 4, 2, 3, num_clusters=3, rank=2, init="uniform", seed=1)
+    with torch.no_grad():
+        um.get_parameter(um.row_key)[0] += 0.3  # row 0 must mean the generic user whatever is stored there
+    state = um.state_dict()
+    rows = state[um.row_key]  # (N+1, R)
+    assert rows.shape[0] == um.num_users + 1
+    assert set(state) == {um.row_key, *um.shared_keys}  # every entry is the rows or shared
+    idx = torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        assert torch.equal(um.embed_rows(rows[idx]), um(idx))  # a row's soft tokens are the user's
+        generic = um(torch.tensor([0]))
+        torch.testing.assert_close(um.embed_rows(um.generic_row()[None]), generic)  # a new user starts at e_0
+        mean = um.embed_rows(um.mean_row(rows[[1, 3]])[None])[0]
+        torch.testing.assert_close(mean, um(torch.tensor([1, 3])).mean(0))  # mean row = mean embedding
+        carried = um.rows_for_embeddings(um(idx))
+        if carried is not None:  # the kind can carry users to other shared parameters: it inverts embed_rows
+            torch.testing.assert_close(um.embed_rows(carried), um(idx))
+        fitter = RowsOverShared(um, rows[[2, 4]].clone())
+        assert torch.equal(fitter(torch.tensor([1, 0])), um(torch.tensor([4, 2])))
+    assert [p.shape for p in um.code_parameters()] in ([], [rows.shape])
+    again = user_model_from_config(um.config())
+    again.load_state_dict(state)
+    assert torch.equal(again(idx), um(idx))  # config() is complete

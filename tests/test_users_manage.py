@@ -12,12 +12,13 @@ import torch
 
 from prlhf.cli.main import main
 from prlhf.config import TrainConfig
+from prlhf.data.collate import collate_pairs
 from prlhf.data.loading import load_records
 from prlhf.data.tasks import build_length_task
-from prlhf.data.tokenize import collate_pairs, encode_records
-from prlhf.model.run_dir import RunError, current_version, load_run
+from prlhf.data.tokenize import encode_records
+from prlhf.runs.directory import RunError, current_version, load_run
+from prlhf.runs.users import delete_user, export_users, import_users, list_users, read_user_table
 from prlhf.train.loop import train
-from prlhf.users.manage import delete_user, export_users, import_users, list_users, read_user_table
 
 TINY = dict(sft_steps=5, epochs=1, max_steps=4, batch_size=4, user_tokens=2, threads=1, seed=0, lora_dropout=0.0)
 USERS = ["user_01", "user_02", "user_03"]
@@ -178,7 +179,7 @@ def test_import_into_a_run_with_another_generic_keeps_the_embedding(runs, probe,
     dst = copy_run(runs["individual"], tmp_path, "dst")
     table = read_user_table(dst)  # shift e_0 of the target run, as another training run would
     table.state["generic"] = table.state["generic"] + 0.25
-    from prlhf.users.manage import write_user_table
+    from prlhf.runs.users import write_user_table
 
     write_user_table(dst, table)
     delete_user(dst, "user_02")

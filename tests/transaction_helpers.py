@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prlhf.cli.main import main
-from prlhf.model.run_dir import load_run, resolve_run
+from prlhf.runs.directory import load_run, resolve_run
 from prlhf.safe_io import MANIFEST
 
 # 2 optimizer steps of 4 pairs, no warm-up, one checkpoint per step: a whole run in about a second

@@ -13,8 +13,16 @@ from pathlib import Path
 
 import yaml
 
-from prlhf.users.defaults import USER_MODELS
+# The user-model kinds a config may name (prlhf.users.models defines them; a test keeps the two lists equal).
+# Here, not there, because the CLI's parser and --help must not import torch.
+USER_MODELS = ("uniform", "individual", "cluster", "lowrank")
 
+# `prlhf adapt`: AdamW steps for the new users' rows, their rate as a multiple of the rate the run trained its
+# users' rows with (a fixed rate does not carry across models: 0.1 suits the tiny model's rows but overshoots
+# SmolLM2's soft tokens, trained at 3e-3: benchmarks/results/new_users_smollm2), and the warm starts on offer.
+DEFAULT_STEPS = 40
+ADAPT_LR_FACTOR = 1.0
+WARM_STARTS = ("none", "text")
 
 # The random-init tiny model needs a higher rate than a pretrained LM, and a warm-up to write at all.
 TINY_LR = 1e-3
@@ -76,6 +84,10 @@ TRAIN_INT_RANGES = {
 
 def _meta(help: str, **kw):
     return field(metadata={"help": help}, **kw)
+
+
+def _default(cls, name: str):
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
 
 @dataclass
@@ -149,14 +161,15 @@ class TrainConfig:
     share_prompts: bool = _meta("score the responses that share a prompt (chosen, rejected, their generic copies) "
                                 "from one forward of that prompt and its KV cache: same log-probs; SmolLM2 steps with "
                                 "short answers ran 2.0x faster in fp32, 1.5x in bf16 (off under gradient "
-                                "checkpointing)",
+                                "checkpointing; objective dpo only: the reward model scores each row in full)",
                                 default=True)
     mixed_precision: str = _meta("auto | no | bf16 | fp16 (auto = bf16 on a GPU that supports it)", default="auto")
     save_steps: int = _meta("checkpoint every N optimizer steps (0 = once per epoch)", default=0)
     keep_checkpoints: int = _meta("how many recent checkpoints to keep", default=2)
     log_steps: int = _meta("log metrics every N optimizer steps", default=10)
     reference_cache: str = _meta("where reference log-probs are cached across runs: auto ($PRLHF_CACHE_DIR or "
-                                 "~/.cache/prlhf) | none | a folder", default="auto")
+                                 "~/.cache/prlhf) | none | a folder (objective dpo only: a reward model has no reference)",
+                                 default="auto")
     eval_data: str = _meta("held-out files to evaluate during training, comma-separated (per-user implicit-reward "
                            "accuracy, rows in RUN/eval.jsonl)", default="")
     eval_steps: int = _meta("evaluate --eval-data every N optimizer steps, and at the end (0 = only at the end)",
@@ -182,6 +195,8 @@ class TrainConfig:
             (self.objective in ("dpo", "rm"), "objective must be dpo or rm"),
             (self.reward_pool in ("last", "mean"), "reward_pool must be last or mean"),
             (self.objective == "dpo" or self.nll_weight == 0, "nll_weight applies to objective dpo only"),
+            (self.objective == "dpo" or self.beta == _default(TrainConfig, "beta"),
+             "beta applies to objective dpo only (the reward model's Bradley-Terry loss has no temperature)"),
             (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
             (self.beta > 0, "beta must be > 0"),
             (self.nll_weight >= 0, "nll_weight must be >= 0"),

@@ -4,20 +4,20 @@ the built-in tiny model: vanilla DPO vs P-DPO individual vs P-DPO cluster, per-u
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from prlhf.bench.experiment import train_on_one_base
+from prlhf.bench.methods import PAPER_METHODS, pick
 from prlhf.config import TINY_LR, TrainConfig
 from prlhf.data.tasks import build_length_task
 from prlhf.evaluate.generation import generate_texts, length_stats
 from prlhf.evaluate.report import accuracy_plot, accuracy_table
 from prlhf.evaluate.run_eval import evaluate_run
-from prlhf.model.run_dir import load_run, write_json_atomic
-from prlhf.train.loop import train
+from prlhf.runs.directory import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,6 @@ DEMO_SFT_STEPS = 100
 QUICK = DemoSize(train_pairs_per_user=40, test_pairs_per_user=20, epochs=3, gen_prompts=4)
 FULL = DemoSize(train_pairs_per_user=120, test_pairs_per_user=40, epochs=3, gen_prompts=10)
 
-# method name -> config overrides; all share the tiny base warmed up by the first run.
-METHODS = {
-    "vanilla_dpo": {"user_model": "uniform"},
-    "p_dpo_individual": {"user_model": "individual"},
-    "p_dpo_cluster": {"user_model": "cluster", "clusters": 2},
-}
-
 
 def run_demo(out: Path, quick: bool = False, threads: int = 2, seed: int = 0, nll_weight: float = 0.5) -> dict:
     size = QUICK if quick else FULL
@@ -56,17 +49,14 @@ def run_demo(out: Path, quick: bool = False, threads: int = 2, seed: int = 0, nl
     print(f"length task: {len(task.train)} train / {len(task.test)} test pairs, {len(task.seen_users)} seen and "
           f"{len(task.unseen_users)} unseen users (majority share 0.7 prefer long)")
 
-    evals, runs, base = {}, {}, None
-    for method, overrides in METHODS.items():
-        run_dir = out / "runs" / method
-        cfg = TrainConfig(data=str(paths["train"]), out=str(run_dir), model=base or "tiny", epochs=size.epochs,
-                          sft_steps=DEMO_SFT_STEPS if base is None else 0, lr=TINY_LR, seed=seed,
-                          threads=threads, nll_weight=nll_weight, **overrides)
-        shutil.rmtree(run_dir, ignore_errors=True)  # a demo re-run replaces its own previous runs
-        summary = train(cfg, show_progress=True)
-        base = base or str(run_dir / "base")
-        runs[method] = load_run(run_dir)
-        evals[method] = evaluate_run(runs[method], task.test)
+    evals, runs = {}, {}
+    base = TrainConfig(data=str(paths["train"]), out="", model="tiny", epochs=size.epochs, sft_steps=DEMO_SFT_STEPS,
+                       lr=TINY_LR, seed=seed, threads=threads, nll_weight=nll_weight)
+    # all methods share the tiny base warmed up by the first; a demo re-run replaces its own previous runs
+    for done in train_on_one_base(base, pick(PAPER_METHODS, clusters=2), out / "runs", show_progress=True):
+        method, summary = done.name, done.summary
+        runs[method] = done.run
+        evals[method] = evaluate_run(done.run, task.test)
         print(f"{method}: trained {summary['steps']} steps in {summary['train_seconds']:.0f}s, mean seen-user "
               f"accuracy {evals[method]['mean_user_accuracy']:.2f}, worst {evals[method]['worst_user_accuracy']:.2f}")
 

@@ -275,7 +275,7 @@ def write_manifest(root: Path, scope: str, **extra) -> dict:
 
 # -------------------------------------------------------------------------------------- what we may write
 
-# Entries a run directory holds at its top level (prlhf.model.run_dir); a data folder written by `prlhf data
+# Entries a run directory holds at its top level (prlhf.runs.directory); a data folder written by `prlhf data
 # build` holds none of the markers.
 RUN_MARKERS = ("run.json", "versions", "checkpoints", "config.yaml", "base")
 RUN_NAMES = RUN_MARKERS + ("metrics.jsonl", "eval.jsonl", "adapter", "tokenizer", "users.json", "user_model.json",

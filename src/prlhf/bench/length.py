@@ -11,22 +11,21 @@ from pathlib import Path
 
 import torch
 
+from prlhf.bench.experiment import train_on_one_base
 from prlhf.bench.machine import machine_summary
+from prlhf.bench.methods import PAPER_METHODS, pick
 from prlhf.config import TINY_LR, TrainConfig
 from prlhf.data.tasks import build_length_task
 from prlhf.data.tasks.common import _atomic_write
 from prlhf.evaluate.report import save_figure
 from prlhf.evaluate.run_eval import evaluate_run
-from prlhf.model.run_dir import load_run
 from prlhf.safe_io import results_folder
-from prlhf.train.loop import train
 
-METHODS = {"vanilla_dpo": {"user_model": "uniform"}, "p_dpo_individual": {"user_model": "individual"},
-           "p_dpo_cluster": {"user_model": "cluster", "clusters": 2}}
+METHODS = pick(PAPER_METHODS, clusters=2)
 MAJORITY, MINORITY = "long", "short"  # the length task gives the majority share to long-preferring users
 
 # what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
-OUTPUTS = ("results.json", "report.md", "minority_vs_share.png", "work")
+OUTPUTS = ("results.json", "report.md", "minority_vs_share.png", "experiment.yaml", "work")
 
 
 def group_accuracy(result: dict, users: dict, group: str) -> float | None:
@@ -48,20 +47,16 @@ def run_length_bench(out: Path, shares: tuple[float, ...] = (0.5, 0.7, 0.9), qui
             data = task.write(work / f"p{p}" / "data")
             groups = {g: sum(1 for u in task.seen_users if task.users[u]["group"] == g) for g in (MAJORITY, MINORITY)}
             results[str(p)] = {"n_seen_users_by_group": groups, "methods": {}}
-            base = None
-            for name, overrides in METHODS.items():
-                run_dir = work / f"p{p}" / name
-                start = time.time()
-                train(TrainConfig(data=str(data["train"]), out=str(run_dir), model=base or "tiny", epochs=epochs,
-                                  sft_steps=-1 if base is None else 0, lr=TINY_LR, seed=seed, threads=threads,
-                                  report_to="none", **overrides), show_progress=False)
-                base = base or str(run_dir / "base")  # one warmed-up tiny base per p, shared by the methods
-                ev = evaluate_run(load_run(run_dir), task.test)
+            base = TrainConfig(data=str(data["train"]), out="", model="tiny", epochs=epochs, lr=TINY_LR, seed=seed,
+                               threads=threads, report_to="none")
+            for done in train_on_one_base(base, METHODS, work / f"p{p}"):  # one tiny base per p, shared
+                name = done.name
+                ev = evaluate_run(done.run, task.test)
                 results[str(p)]["methods"][name] = {
                     "majority_accuracy": group_accuracy(ev, task.users, MAJORITY),
                     "minority_accuracy": group_accuracy(ev, task.users, MINORITY),
                     "mean_user_accuracy": ev["mean_user_accuracy"], "worst_user_accuracy": ev["worst_user_accuracy"],
-                    "unseen_accuracy": ev["unseen_accuracy"], "seconds": round(time.time() - start, 1)}
+                    "unseen_accuracy": ev["unseen_accuracy"], "seconds": round(time.time() - done.started, 1)}
                 r = results[str(p)]["methods"][name]
                 print(f"p={p} {name}: majority {r['majority_accuracy']:.2f}, minority {r['minority_accuracy']:.2f}",
                       flush=True)

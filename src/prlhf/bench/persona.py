@@ -15,38 +15,32 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from prlhf.bench.experiment import train_method
 from prlhf.bench.machine import machine_summary
+from prlhf.bench.methods import pick
+from prlhf.bench.options import bench_train_options
 from prlhf.config import TrainConfig
 from prlhf.data.tasks.common import _atomic_write, write_jsonl
 from prlhf.data.tasks.persona import ATTRIBUTION, build_persona_task
 from prlhf.data.tokenize import encode_records
-from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.evaluate.report import save_figure
-from prlhf.model.run_dir import load_run
+from prlhf.model.scoring import implicit_reward_margins, per_user_accuracy
+from prlhf.runs.directory import load_run
 from prlhf.safe_io import results_folder
 from prlhf.train.loop import train
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 
 logger = logging.getLogger(__name__)
-# TrainConfig values of every trained method unless the caller gives others. For a pretrained model they are the
-# recipe that separated P-DPO from vanilla DPO on SmolLM2-135M (benchmarks/results/persona_smollm2_h200_48pairs/):
-# at the tiny model's 30x user-model rate SmolLM2's soft tokens did not fit even their training pairs, and the
-# cluster logits / low-rank vectors are O(1) numbers that need a higher rate than the soft tokens.
-TINY_TRAIN_DEFAULTS = {"threads": 2, "batch_size": 16, "user_tokens": 10, "lr": 0.0}
-PRETRAINED_TRAIN_DEFAULTS = {"threads": 2, "batch_size": 64, "user_tokens": 4, "lr": 1e-3, "user_lr": 3e-3,
-                             "user_code_lr": 3e-2}
-# On a CPU the default 64 pairs per step go in micro-batches of 16 (gradient accumulation): one 64-pair SmolLM2
-# batch ran out of 24 GB there, in fp32 and in bf16.
-CPU_MICRO_BATCH = 16
 SPLITS = {"pairs": "test_pairs", "statements": "test"}  # split -> file stem; statements = content-disjoint
 
 # what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
-OUTPUTS = ("results.json", "statements", "curves.json", "report.md", "accuracy.png", "learning_curves.png", "work")
+OUTPUTS = ("results.json", "statements", "curves.json", "report.md", "accuracy.png", "learning_curves.png",
+           "experiment.yaml", "work")
 
 
 @dataclass(frozen=True)
@@ -70,17 +64,14 @@ OPT_IN_METHODS = ("p_dpo_lowrank",)  # beyond the paper's baselines: run only wh
 
 
 def method_overrides(n_profiles: int) -> dict[str, dict | None]:
-    """name -> TrainConfig overrides (None: prompting, which trains nothing)."""
-    return {
-        "vanilla_dpo": {"user_model": "uniform", "use_user_text": False},
-        "prompting": None,
-        "text_dpo": {"user_model": "uniform", "use_user_text": True},
-        "p_dpo_individual": {"user_model": "individual", "use_user_text": False},
-        "p_dpo_cluster": {"user_model": "cluster", "clusters": n_profiles, "use_user_text": False},
-        "p_dpo_cluster_small": {"user_model": "cluster", "clusters": max(2, n_profiles // 4), "use_user_text": False},
-        "p_dpo_individual_text": {"user_model": "individual", "use_user_text": True},
-        "p_dpo_lowrank": {"user_model": "lowrank", "use_user_text": False},
-    }
+    """name -> TrainConfig overrides (None: prompting, which trains nothing). The cluster model gets one cluster
+    per profile, and a small variant a quarter of that."""
+    m = pick(["vanilla_dpo", "text_dpo", "p_dpo_individual", "p_dpo_cluster", "p_dpo_individual_text",
+              "p_dpo_lowrank"], clusters=n_profiles)
+    return {"vanilla_dpo": m["vanilla_dpo"], "prompting": None, "text_dpo": m["text_dpo"],
+            "p_dpo_individual": m["p_dpo_individual"], "p_dpo_cluster": m["p_dpo_cluster"],
+            "p_dpo_cluster_small": {**m["p_dpo_cluster"], "clusters": max(2, n_profiles // 4)},
+            "p_dpo_individual_text": m["p_dpo_individual_text"], "p_dpo_lowrank": m["p_dpo_lowrank"]}
 
 
 def per_dimension(records, dims: list[str], margins: torch.Tensor, seen: set[str]) -> dict[str, float]:
@@ -91,18 +82,6 @@ def per_dimension(records, dims: list[str], margins: torch.Tensor, seen: set[str
             correct[dim] += m > 0
             total[dim] += 1
     return {d: correct[d] / total[d] for d in sorted(total)}
-
-
-def bench_train_options(model: str, train_options: dict, device: str = "cpu") -> dict:
-    """The TrainConfig options of every trained method: the caller's (None = not given) over the model's defaults."""
-    unknown = set(train_options) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"unknown training option(s) {sorted(unknown)}")
-    given = {k: v for k, v in train_options.items() if v is not None}
-    defaults = dict(TINY_TRAIN_DEFAULTS if model == "tiny" else PRETRAINED_TRAIN_DEFAULTS)
-    if device == "cpu" and "batch_size" not in given and defaults["batch_size"] > CPU_MICRO_BATCH:
-        defaults.update(batch_size=CPU_MICRO_BATCH, grad_accum=defaults["batch_size"] // CPU_MICRO_BATCH)
-    return {**defaults, **given}
 
 
 def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None, quick: bool = False,
@@ -192,10 +171,9 @@ def run_persona_bench(out: Path, model: str = "tiny", n_users: int | None = None
                 train_seconds = 0.0
             else:
                 run_dir = work / "runs" / name
-                summary = train(replace(base_cfg, out=str(run_dir), **overrides), show_progress=not quick)
-                train_seconds = summary["train_seconds"]
+                done = train_method(name, base_cfg, overrides, run_dir, show_progress=not quick, device=device)
+                run, train_seconds = done.run, done.summary["train_seconds"]
                 first_run = first_run or run_dir
-                run = load_run(run_dir, device=device)
                 curves[name] = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
             wall = time.time() - start
             for split, file_stem in SPLITS.items():

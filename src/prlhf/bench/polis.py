@@ -27,20 +27,20 @@ from pathlib import Path
 
 import torch
 
+from prlhf.bench.experiment import train_method
 from prlhf.bench.machine import machine_summary
-from prlhf.bench.persona import bench_train_options
+from prlhf.bench.methods import pick
+from prlhf.bench.options import bench_train_options
 from prlhf.config import TrainConfig
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tasks.common import _atomic_write, write_jsonl
 from prlhf.data.tasks.polis import ATTRIBUTION, build_polis_task, to_group_ids
-from prlhf.data.tokenize import encode_records
-from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.evaluate.report import save_figure
-from prlhf.model.run_dir import load_run
+from prlhf.model.scoring import implicit_reward_margins, per_user_accuracy
+from prlhf.runs.directory import load_run
 from prlhf.safe_io import results_folder
-from prlhf.train.loop import train
+from prlhf.train.adapt import adapt_users
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
-from prlhf.users.adapt import adapt_users
 
 logger = logging.getLogger(__name__)
 # The statements of the default conversation are at most 69 tokens with the tiny tokenizer (other conversations'
@@ -52,7 +52,7 @@ CLUSTERS = 10  # K of the authors' runs on real users (PRISM)
 BOOTSTRAP_SAMPLES = 2000
 
 # what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
-OUTPUTS = ("results.json", "report.md", "accuracy.png", "work")
+OUTPUTS = ("results.json", "report.md", "accuracy.png", "experiment.yaml", "work")
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,9 @@ QUICK_TINY_TRAIN_DEFAULTS = {"sft_steps": 20}
 FULL = PolisSize(train_pairs_per_user=8, test_pairs_per_user=4, epochs=1, adapt_users=32, adapt_k=10)
 
 # name -> (TrainConfig overrides, train with Polis's group ids as user ids)
-METHODS: dict[str, tuple[dict, bool]] = {
-    "vanilla_dpo": ({"user_model": "uniform", "alpha": 0.0}, False),
-    "p_dpo_individual": ({"user_model": "individual"}, False),
-    "p_dpo_cluster": ({"user_model": "cluster", "clusters": CLUSTERS}, False),
-    "p_dpo_lowrank": ({"user_model": "lowrank"}, False),
-    "opinion_groups": ({"user_model": "individual"}, True),
-}
+_SHARED = pick(["vanilla_dpo", "p_dpo_individual", "p_dpo_cluster", "p_dpo_lowrank"], clusters=CLUSTERS)
+METHODS: dict[str, tuple[dict, bool]] = {**{name: (o, False) for name, o in _SHARED.items()},
+                                         "opinion_groups": (_SHARED["p_dpo_individual"], True)}
 ADAPTED_METHOD = "p_dpo_individual"
 
 
@@ -140,13 +136,16 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
         new_participants = None
         for name in chosen:
             overrides, by_group = METHODS[name]
-            cfg = replace(base_cfg, data=str(data[by_group]), out=str(work / "runs" / name), **overrides)
+            method_base = replace(base_cfg, data=str(data[by_group]))
+            cfg = replace(method_base, out=str(work / "runs" / name), **overrides)
             key = {"train_config": asdict(cfg), "n_test_pairs": len(task.test)}  # what a saved score must match
             scored = load_saved(work / "scores" / f"{name}.json", key) if reuse_runs else None
             run = None
             if scored is None:
                 start = time.time()
-                run, summary, reused = trained_run(cfg, device, reuse_runs, show_progress=not quick)
+                done = train_method(name, method_base, overrides, Path(cfg.out), show_progress=not quick, device=device,
+                                    reuse=reuse_runs)
+                run, summary, reused = done.run, done.summary, done.reused
                 margins = score_margins(run, task.test, as_groups if by_group else (lambda records: records))
                 # a reused run's wall time is its scoring only; its training time is in the summary
                 scored = {**key, "margins": margins.tolist(), "summary": summary, "reused_run": reused,
@@ -200,28 +199,13 @@ def save(path: Path, doc: dict) -> None:
     _atomic_write(path, json.dumps(doc) + "\n")
 
 
-def trained_run(cfg: TrainConfig, device: str, reuse: bool, show_progress: bool):
-    """(loaded run, train summary, reused?): a finished run in cfg.out trained with the same config when `reuse`,
-    else a new one (an unfinished run of a killed benchmark starts over)."""
-    run_json = Path(cfg.out) / "run.json"
-    if reuse and run_json.is_file():
-        run = load_run(cfg.out, device=device)
-        if asdict(run.config) == asdict(cfg):
-            logger.info("reusing the finished run %s", cfg.out)
-            return run, json.loads(run_json.read_text()), True
-    shutil.rmtree(cfg.out, ignore_errors=True)
-    summary = train(cfg, show_progress=show_progress)
-    return load_run(cfg.out, device=device), summary, False
-
-
 def score_margins(run, records: Sequence[PreferenceRecord],
                   as_trained: Callable[[list[PreferenceRecord]], list[PreferenceRecord]]) -> torch.Tensor:
     """(N,) implicit-reward margins of `records`, each under the user id the run was trained with (`as_trained`);
     the base is shared across methods (same data and seed), so its log-probs come from the on-disk cache after the
     first method."""
     cfg = run.config
-    pairs = encode_records(as_trained(list(records)), run.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                           cfg.use_user_text)
+    pairs = run.encode(as_trained(list(records)))
     reference = cached_reference_logps(run.model, pairs, run.tokenizer.pad_token_id,
                                        reference_cache_dir(cfg.reference_cache), show_progress=False)
     return implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id, reference=reference)

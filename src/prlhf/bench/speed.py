@@ -130,8 +130,9 @@ def measure_method(method: str, setup_path: Path, work: Path, threads: int) -> d
 def step_time_by_users(setup: dict, users: tuple[int, ...], sparse: bool, repeats: int = 12) -> dict[str, float]:
     """Median optimizer-step time of P-DPO (alpha 0.5) on one fixed batch whose users are among the first 10,
     with a user table of N rows."""
+    from prlhf.data.collate import collate_pairs
     from prlhf.data.loading import load_records
-    from prlhf.data.tokenize import collate_pairs, encode_records
+    from prlhf.data.tokenize import encode_records
     from prlhf.losses import p_dpo_loss
     from prlhf.model.loading import add_lora, load_base
     from prlhf.model.personalized import PersonalizedLM

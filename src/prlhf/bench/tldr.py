@@ -28,33 +28,26 @@ from pathlib import Path
 
 import torch
 
+from prlhf.bench.experiment import train_method
 from prlhf.bench.machine import machine_summary
-from prlhf.bench.persona import bench_train_options
+from prlhf.bench.methods import pick
+from prlhf.bench.options import bench_train_options
 from prlhf.config import TrainConfig
 from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tasks.common import _atomic_write
 from prlhf.data.tasks.tldr import ATTRIBUTION, build_tldr_task
-from prlhf.data.tokenize import encode_records
-from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
 from prlhf.evaluate.report import save_figure
-from prlhf.model.run_dir import load_run
+from prlhf.model.scoring import implicit_reward_margins, per_user_accuracy
+from prlhf.runs.directory import load_run
 from prlhf.safe_io import results_folder
-from prlhf.train.loop import train
+from prlhf.train.adapt import adapt_users
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
-from prlhf.users.adapt import adapt_users
 
 logger = logging.getLogger(__name__)
 
-# name -> TrainConfig overrides; the user-blind models put all weight on the generic term (alpha 0)
-# (in the order they run: each personalized model right after its user-blind counterpart, so that a run cut short
-# still has a comparison)
-METHODS: dict[str, dict] = {
-    "vanilla_dpo": {"user_model": "uniform", "alpha": 0.0},
-    "p_dpo_individual": {"user_model": "individual"},
-    "rm_uniform": {"objective": "rm", "user_model": "uniform", "alpha": 0.0},
-    "p_rm_individual": {"objective": "rm", "user_model": "individual"},
-    "p_dpo_cluster": {"user_model": "cluster"},
-}
+# name -> TrainConfig overrides, in the order they run: each personalized model right after its user-blind
+# counterpart, so that a run cut short still has a comparison (the clusters come from the size: base config)
+METHODS: dict[str, dict] = pick(["vanilla_dpo", "p_dpo_individual", "rm_uniform", "p_rm_individual", "p_dpo_cluster"])
 # personalized method -> its user-blind counterpart
 COUNTERPARTS = {"p_dpo_individual": "vanilla_dpo", "p_dpo_cluster": "vanilla_dpo", "p_rm_individual": "rm_uniform"}
 ADAPTED_METHOD = "p_dpo_individual"  # adapt_users fits P-DPO runs (reward-model runs are not supported)
@@ -62,7 +55,7 @@ BOOTSTRAP_DRAWS = 2000
 MIN_RATE_PAIRS = 5  # a labeler's long rate enters the correlation only with this many held-out pairs
 
 # what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
-OUTPUTS = ("results.json", "report.md", "labelers.png", "work")
+OUTPUTS = ("results.json", "report.md", "labelers.png", "experiment.yaml", "work")
 
 
 @dataclass(frozen=True)
@@ -193,7 +186,7 @@ def score(run, records: Sequence[PreferenceRecord], device: str) -> list[float]:
     """(N,) margins: P-DPO's implicit reward margin (reference log-probs from the shared on-disk cache) or the
     reward model's r(chosen) - r(rejected), each pair under its labeler's embedding (the generic one if unseen)."""
     cfg = run.config
-    pairs = encode_records(records, run.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.use_user_text)
+    pairs = run.encode(records)
     reference = None
     if not getattr(run.model, "is_reward_model", False):
         reference = cached_reference_logps(run.model, pairs, run.tokenizer.pad_token_id,
@@ -328,10 +321,9 @@ def run_tldr_bench(out: Path, model: str = "tiny", source: str | None = None, qu
                 margins, seconds = saved["margins"], saved["seconds"]
                 run = load_run(run_dir, device=device) if name == ADAPTED_METHOD else None
             else:
-                shutil.rmtree(run_dir, ignore_errors=True)
                 cpu_start = process_cpu_seconds()
-                summary = train(replace(base_cfg, out=str(run_dir), **METHODS[name]), show_progress=not quick)
-                run = load_run(run_dir, device=device)
+                done = train_method(name, base_cfg, METHODS[name], run_dir, show_progress=not quick, device=device)
+                run, summary = done.run, done.summary
                 margins = score(run, task.test, device)
                 seconds = {"train_seconds": round(summary["train_seconds"], 1),
                            "wall_seconds": round(time.time() - start, 1),

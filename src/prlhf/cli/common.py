@@ -24,14 +24,16 @@ def setup_logging(verbose: bool = False) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cfg_cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per config field, with the field's help; defaults stay None so a config file can fill them."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cfg_cls, skip: tuple[str, ...] = (),
+                        only: tuple[str, ...] | None = None, defaults: dict[str, str] | None = None) -> None:
+    """One --flag per config field (or per field in `only`), with the field's help; defaults stay None so a config
+    file, or a benchmark's own defaults (described by `defaults`: field -> text for --help), can fill them."""
     for f in dataclasses.fields(cfg_cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         t = field_type(cfg_cls, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {(defaults or {}).get(f.name, f.default)})"
         if t is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -19,7 +19,7 @@ def own_error_types() -> tuple[type[Exception], ...]:
     from prlhf.config import ConfigError
     from prlhf.data.schema import DataError
     from prlhf.model.presets import PresetError
-    from prlhf.model.run_dir import RunError
+    from prlhf.runs.directory import RunError
     from prlhf.train.loop import TrainingDiverged
 
     return DataError, ConfigError, RunError, PresetError, TrainingDiverged

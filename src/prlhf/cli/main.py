@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
 
 from prlhf import __version__
+from prlhf.bench.options import TRAIN_FLAGS, default_notes
 from prlhf.cli.checks import check_flags
 from prlhf.cli.common import add_dataclass_flags, config_from_args, setup_logging
 from prlhf.cli.errors import command_name, describe, own_error_types
@@ -25,9 +27,9 @@ Data: JSONL/JSON/CSV/Parquet/datasets folder with user_id, prompt, chosen, rejec
 
 
 def cmd_train(args) -> int:
-    from prlhf.train.loop import train
-
     from accelerate import PartialState
+
+    from prlhf.train.loop import train
 
     summary = train(config_from_args(TrainConfig, args), show_progress=not args.quiet)
     if PartialState().is_main_process:  # under `accelerate launch`, one summary line, not one per process
@@ -39,7 +41,7 @@ def cmd_eval(args) -> int:
     from prlhf.data.loading import load_records
     from prlhf.evaluate.report import accuracy_plot, accuracy_table, is_png
     from prlhf.evaluate.run_eval import evaluate_run
-    from prlhf.model.run_dir import is_eval_result, load_run, write_json_atomic
+    from prlhf.runs.directory import is_eval_result, load_run, write_json_atomic
     from prlhf.safe_io import output_file_problem
 
     _set_threads(args.threads)
@@ -62,7 +64,7 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     from prlhf.evaluate.generation import generate_texts
-    from prlhf.model.run_dir import RunError, load_run
+    from prlhf.runs.directory import RunError, load_run
 
     _set_threads(args.threads)
     run = load_run(args.run)
@@ -89,7 +91,7 @@ def cmd_generate(args) -> int:
 
 def cmd_score(args) -> int:
     from prlhf.evaluate.scoring import require_reward_run, score_responses
-    from prlhf.model.run_dir import load_run
+    from prlhf.runs.directory import load_run
 
     _set_threads(args.threads)
     run = require_reward_run(load_run(args.run))
@@ -166,26 +168,60 @@ def cmd_demo(args) -> int:
     return 0
 
 
-# `bench persona` flags that are TrainConfig fields, passed through to every trained method
-PERSONA_TRAIN_FLAGS = ("threads", "lr", "user_lr", "user_code_lr", "user_tokens", "batch_size", "grad_accum",
-                       "mixed_precision", "user_weight_decay", "gradient_checkpointing")
-
-
 def cmd_bench_persona(args) -> int:
-    from prlhf.bench.persona import run_persona_bench
-
     split = lambda v: v.split(",") if v else None  # noqa: E731
+    return run_bench("persona", args, dict(
+        model=args.model, n_users=args.users, quick=args.quick, seed=args.seed, methods=split(args.methods),
+        dimensions=split(args.dimensions), epochs=args.epochs, data_dir=args.persona_dir, keep_runs=args.keep_runs,
+        statements_per_pole=args.statements_per_pole, train_pairs_per_user=args.train_pairs_per_user,
+        curve_points=args.curve_points, profile_ids=args.profile_ids, majority_share=args.majority_share,
+        **{k: getattr(args, k) for k in TRAIN_FLAGS}))
+
+
+# benchmark -> (module, function(out, **arguments)), imported when it runs: --help stays free of torch
+BENCHES = {"persona": ("prlhf.bench.persona", "run_persona_bench"), "tldr": ("prlhf.bench.tldr", "run_tldr_bench"),
+           "polis": ("prlhf.bench.polis", "run_polis_bench"), "length": ("prlhf.bench.length", "run_length_bench")}
+
+
+def bench_function(bench: str):
+    import importlib
+
+    module, name = BENCHES[bench]
+    return getattr(importlib.import_module(module), name)
+
+
+def run_bench(bench: str, args, arguments: dict) -> int:
+    """Run a benchmark into args.out, then leave its experiment record there (OUT/experiment.yaml: the command,
+    the benchmark and these arguments), which `prlhf bench rerun` takes."""
+    from prlhf.bench.experiment import EXPERIMENT_FILE, experiment_yaml
+    from prlhf.safe_io import atomic_write_text
+
     try:
-        run_persona_bench(Path(args.out), model=args.model, n_users=args.users, quick=args.quick, seed=args.seed,
-                          methods=split(args.methods), dimensions=split(args.dimensions), epochs=args.epochs,
-                          data_dir=args.persona_dir, keep_runs=args.keep_runs,
-                          statements_per_pole=args.statements_per_pole,
-                          train_pairs_per_user=args.train_pairs_per_user, curve_points=args.curve_points,
-                          profile_ids=args.profile_ids, majority_share=args.majority_share,
-                          **{k: getattr(args, k) for k in PERSONA_TRAIN_FLAGS})
+        bench_function(bench)(Path(args.out), **arguments)
     except ValueError as exc:
-        raise ConfigError(f"bench persona: {exc}") from None
+        raise ConfigError(f"bench {bench}: {exc}") from None
+    atomic_write_text(Path(args.out) / EXPERIMENT_FILE, experiment_yaml(bench, arguments, args.command_line,
+                                                                        __version__))
     return 0
+
+
+def cmd_bench_rerun(args) -> int:
+    import inspect
+
+    from prlhf.bench.experiment import read_experiment
+
+    try:
+        bench, arguments = read_experiment(Path(args.record))
+    except ValueError as exc:
+        raise ConfigError(f"bench rerun: {exc}") from None
+    if bench not in BENCHES:
+        raise ConfigError(f"bench rerun: {args.record}: unknown benchmark {bench!r} (one of {', '.join(BENCHES)})")
+    accepted = inspect.signature(bench_function(bench)).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = sorted(k for k in arguments if k == "out" or (k not in accepted and not takes_any))
+    if unknown:
+        raise ConfigError(f"bench rerun: {args.record}: bench {bench} takes no argument(s) {', '.join(unknown)}")
+    return run_bench(bench, args, arguments)
 
 
 # `bench tldr` flags that are TrainConfig fields (the same as bench persona's) and those that size the benchmark
@@ -194,34 +230,22 @@ TLDR_SIZE_FLAGS = ("epochs", "max_prompt_length", "min_comparisons", "max_train_
 
 
 def cmd_bench_tldr(args) -> int:
-    from prlhf.bench.tldr import run_tldr_bench
-
     sizes = {k: getattr(args, k) for k in TLDR_SIZE_FLAGS}
     sizes.update(n_seen=args.users, n_unseen=args.unseen,
                  adapt_ks=tuple(int(k) for k in args.adapt_ks.split(",")) if args.adapt_ks else None)
     if args.max_prompt_length is not None:
         sizes["max_length"] = args.max_prompt_length + 64  # the summaries are at most about 60 tokens
-    try:
-        run_tldr_bench(Path(args.out), model=args.model, source=args.source, quick=args.quick, seed=args.seed,
-                       methods=args.methods.split(",") if args.methods else None, keep_runs=args.keep_runs,
-                       reuse_runs=args.reuse_runs, size_overrides=sizes,
-                       **{k: getattr(args, k) for k in PERSONA_TRAIN_FLAGS})
-    except ValueError as exc:
-        raise ConfigError(f"bench tldr: {exc}") from None
-    return 0
+    return run_bench("tldr", args, dict(
+        model=args.model, source=args.source, quick=args.quick, seed=args.seed,
+        methods=args.methods.split(",") if args.methods else None, keep_runs=args.keep_runs,
+        reuse_runs=args.reuse_runs, size_overrides=sizes, **{k: getattr(args, k) for k in TRAIN_FLAGS}))
 
 
 def cmd_bench_length(args) -> int:
-    from prlhf.bench.length import run_length_bench
-
     shares = tuple(float(x) for x in args.shares.split(","))
     if not all(0.5 <= x < 1.0 for x in shares):
         raise ConfigError("bench length: --shares must lie in [0.5, 1)")
-    try:
-        run_length_bench(Path(args.out), shares=shares, quick=args.quick, threads=args.threads, seed=args.seed)
-    except ValueError as exc:
-        raise ConfigError(f"bench length: {exc}") from None
-    return 0
+    return run_bench("length", args, dict(shares=shares, quick=args.quick, threads=args.threads, seed=args.seed))
 
 
 def cmd_bench_speed(args) -> int:
@@ -351,7 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--users", type=int, help="seen users (unseen: a quarter of it)")
     pe.add_argument("--quick", action="store_true", help="small data, tiny model: a few minutes")
     pe.add_argument("--out", required=True, help="results folder")
-    pe.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     pe.add_argument("--methods", help="comma-separated subset of: vanilla_dpo, prompting, text_dpo, "
                                       "p_dpo_individual, p_dpo_cluster, p_dpo_cluster_small, p_dpo_individual_text "
                                       "(default: all of these), p_dpo_lowrank")
@@ -359,16 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--epochs", type=float,
                     help="override the size preset's epochs (4 tiny; 12 pretrained: 576 steps per trained method, "
                          "about 4 min each on one H100/H200 GPU, about 2.5 h on a 2-core CPU in bf16)")
-    pe.add_argument("--lr", type=float, help="adapter learning rate (default 1e-3)")
-    pe.add_argument("--user-lr", type=float,
-                    help="user-model learning rate (default: 3e-3 with a pretrained model, 30x the adapter rate "
-                         "with tiny)")
-    pe.add_argument("--user-code-lr", type=float,
-                    help="cluster mixing logits / low-rank user vectors' learning rate (default: 3e-2 with a "
-                         "pretrained model, the user-model rate with tiny)")
     pe.add_argument("--persona-dir", help="folder of <trait>.jsonl files (default ../shared/data/anthropic-persona)")
-    pe.add_argument("--user-tokens", type=int, help="T_u, soft tokens per user (default 4 with a pretrained model, "
-                                                     "10 with tiny)")
     pe.add_argument("--statements-per-pole", type=int, help="statements drawn per trait file (fewer = each is rated by "
                                                             "more users; default 30 quick, 100 tiny, 12 pretrained)")
     pe.add_argument("--train-pairs-per-user", type=int,
@@ -378,24 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "the user can score up to about 0.7 on split pairs; 0.5 makes that about 0.5)")
     pe.add_argument("--curve-points", type=int,
                     help="learning-curve evaluations per trained method (default 4; 6 at the full tiny size)")
-    pe.add_argument("--batch-size", type=int,
-                    help="pairs per forward pass (default 64 with a pretrained model, 16 with tiny; on a CPU a "
-                         "pretrained model's 64 go in 4 micro-batches of 16: 64 at once ran out of 24 GB)")
-    pe.add_argument("--grad-accum", type=int,
-                    help="micro-batches per optimizer step (default 1; 4 on a CPU for a pretrained model's default)")
-    pe.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                    help="training autocast (auto = bf16 on a GPU that supports it, else fp32; bf16 also runs on "
-                         "CPUs: 2x faster than fp32 on one with AVX512-BF16)")
-    pe.add_argument("--user-weight-decay", type=float, default=0.0,
-                    help="weight decay of the per-user rows (towards the generic user; default 0)")
-    pe.add_argument("--gradient-checkpointing", action="store_true",
-                    help="recompute activations in the backward pass: less memory, more compute")
     pe.add_argument("--profile-ids", action="store_true",
                     help="diagnostic: seen users who share a profile share one user id in training (what implicit "
                          "embeddings learn when each id has many pairs); users are still scored one by one")
     pe.add_argument("--seed", type=int, default=0, help="seed of the data and of every run (default 0)")
     pe.add_argument("--keep-runs", action="store_true",
                     help="keep the data and trained runs under OUT/work (removed by default)")
+    add_dataclass_flags(pe, TrainConfig, only=TRAIN_FLAGS, defaults=default_notes(TRAIN_FLAGS))
     pe.set_defaults(func=cmd_bench_persona)
     tl = bsub.add_parser("tldr", help="real labelers (OpenAI's TL;DR comparisons): vanilla DPO, P-DPO individual "
                                       "/ cluster, P-RM individual, uniform RM, new labelers from k comparisons",
@@ -422,24 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt tokens kept from the end, so 'TL;DR:' stays (default 192; max length is 64 more)")
     tl.add_argument("--adapt-ks", help="comparisons per new labeler, comma-separated (default 0,5,10; 0 = generic)")
     tl.add_argument("--adapt-steps", type=int, help="AdamW steps fitting the new labelers (default 20 pretrained)")
-    tl.add_argument("--lr", type=float, help="adapter learning rate (default 1e-3)")
-    tl.add_argument("--user-lr", type=float, help="user-model learning rate (default 3e-3 pretrained)")
-    tl.add_argument("--user-code-lr", type=float, help="cluster mixing logits' learning rate (default 3e-2 pretrained)")
-    tl.add_argument("--user-tokens", type=int, help="soft tokens per user (default 4 pretrained, 10 tiny)")
-    tl.add_argument("--batch-size", type=int, help="pairs per forward pass (default: bench persona's)")
-    tl.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: bench persona's)")
-    tl.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                    help="training autocast (bf16 runs about 2x faster on a CPU with AVX512-BF16)")
-    tl.add_argument("--user-weight-decay", type=float, default=0.0, help="weight decay of the per-user rows")
-    tl.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute")
-    tl.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     tl.add_argument("--seed", type=int, default=0, help="seed of the split, the unseen labelers and every run")
     tl.add_argument("--keep-runs", action="store_true", help="keep the data and runs under OUT/work")
     tl.add_argument("--reuse-runs", action="store_true",
                     help="load the methods already finished under OUT/work (after a killed run) instead of "
                          "training them again")
+    add_dataclass_flags(tl, TrainConfig, only=TRAIN_FLAGS, defaults=default_notes(TRAIN_FLAGS))
     tl.set_defaults(func=cmd_bench_tldr)
-    register_polis_bench(bsub)
+    register_polis_bench(bsub, run_bench)
+    rr = bsub.add_parser("rerun", help="run a benchmark again from the experiment record it left "
+                                       "(OUT/experiment.yaml)",
+                         description="Reads the benchmark and its arguments from an experiment record and runs it "
+                                     "into --out, which gets a new record of its own.")
+    rr.add_argument("record", help="an experiment.yaml that `prlhf bench persona|tldr|polis|length` wrote")
+    rr.add_argument("--out", required=True, help="results folder for the new run")
+    rr.set_defaults(func=cmd_bench_rerun)
     le = bsub.add_parser("length", help="the paper's experiment 1: majority vs minority accuracy per method, for "
                                         "majority shares p = 0.5, 0.7, 0.9 (tiny model)")
     le.add_argument("--out", required=True, help="results folder (results.json, report.md, plot)")
@@ -453,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = "prlhf " + shlex.join(sys.argv[1:] if argv is None else argv)  # for experiment records
     setup_logging(args.verbose)
     own = own_error_types()
     try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from prlhf.config import ConfigError
+from prlhf.bench.options import default_notes
+from prlhf.cli.common import add_dataclass_flags
+from prlhf.config import ConfigError, TrainConfig
 
 # `bench polis` flags that are TrainConfig fields, passed through to every trained method
 TRAIN_FLAGS = ("threads", "lr", "user_lr", "user_code_lr", "user_tokens", "batch_size", "grad_accum",
@@ -69,25 +70,17 @@ def build_summary(task) -> str:
             f"statements in adapt.jsonl; user ids: {m['user_id_from']}")
 
 
-def cmd_bench_polis(args) -> int:
-    from prlhf.bench.polis import run_polis_bench
-
-    try:
-        run_polis_bench(Path(args.out), model=args.model, source=args.source, conversations=_names(args.conversations),
-                        quick=args.quick, seed=args.seed,
-                        methods=args.methods.split(",") if args.methods else None, epochs=args.epochs,
-                        train_pairs_per_user=args.train_pairs_per_user, test_pairs_per_user=args.test_pairs_per_user,
-                        adapt_users_n=args.new_participants, adapt_k=args.new_participant_pairs,
-                        adapt_steps=args.adapt_steps, split=args.split, held_out=args.held_out,
-                        keep_runs=args.keep_runs,
-                        reuse_runs=args.reuse_runs,
-                        **{k: getattr(args, k) for k in TRAIN_FLAGS})
-    except ValueError as exc:
-        raise ConfigError(f"bench polis: {exc}") from None
-    return 0
+def bench_polis_arguments(args) -> dict:
+    return dict(model=args.model, source=args.source, conversations=_names(args.conversations), quick=args.quick,
+                seed=args.seed, methods=args.methods.split(",") if args.methods else None, epochs=args.epochs,
+                train_pairs_per_user=args.train_pairs_per_user, test_pairs_per_user=args.test_pairs_per_user,
+                adapt_users_n=args.new_participants, adapt_k=args.new_participant_pairs, adapt_steps=args.adapt_steps,
+                split=args.split, held_out=args.held_out, keep_runs=args.keep_runs, reuse_runs=args.reuse_runs,
+                **{k: getattr(args, k) for k in TRAIN_FLAGS})
 
 
-def register_bench(bsub) -> None:
+def register_bench(bsub, run_bench) -> None:
+    """`run_bench(name, args, arguments)` runs it and writes its experiment record (prlhf.cli.main)."""
     po = bsub.add_parser("polis", help="real Polis participants: vanilla DPO, P-DPO individual / cluster / low-rank, "
                                        "opinion groups as user ids, new participants from 10 pairs",
                          description="Builds the Polis task from --source (CC BY 4.0; statements split so that no "
@@ -114,22 +107,10 @@ def register_bench(bsub) -> None:
                     help="score the test statements (default) or a validation split carved from the training "
                          "statements (for tuning)")
     po.add_argument("--held-out", default=HELD_OUT[0], choices=HELD_OUT, help=HELD_OUT_HELP)
-    po.add_argument("--lr", type=float, help="adapter learning rate (default 1e-3)")
-    po.add_argument("--user-lr", type=float, help="user-model learning rate (default 30x the adapter rate with tiny)")
-    po.add_argument("--user-code-lr", type=float,
-                    help="cluster mixing logits / low-rank user vectors' learning rate (default: the user-model rate)")
-    po.add_argument("--user-tokens", type=int, help="soft tokens per user (default 10 with tiny)")
-    po.add_argument("--sft-steps", type=int,
-                    help="supervised warm-up steps of the tiny model before DPO (default: prlhf train's)")
-    po.add_argument("--batch-size", type=int, help="pairs per forward pass (default 16 with tiny)")
-    po.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    po.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                    help="training autocast (auto = bf16 on a GPU that supports it, else fp32)")
-    po.add_argument("--threads", type=int, default=2,
-                    help="torch CPU threads (default 2; on a shared, busy 2-core machine 1 ran 7x faster)")
     po.add_argument("--seed", type=int, default=0, help="seed of the splits, the unseen participants and every run")
     po.add_argument("--keep-runs", action="store_true", help="keep the data and runs under OUT/work")
     po.add_argument("--reuse-runs", action="store_true",
                     help="keep OUT/work and take the methods that finished there with the same settings (after a "
                          "killed run) instead of training them again")
-    po.set_defaults(func=cmd_bench_polis)
+    add_dataclass_flags(po, TrainConfig, only=TRAIN_FLAGS, defaults=default_notes(TRAIN_FLAGS))
+    po.set_defaults(func=lambda args: run_bench("polis", args, bench_polis_arguments(args)))

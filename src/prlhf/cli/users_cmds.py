@@ -13,8 +13,9 @@ from prlhf.config import ConfigError
 
 def cmd_adapt(args) -> int:
     from prlhf.data.loading import load_records
-    from prlhf.model.run_dir import load_run
-    from prlhf.users.adapt import adapt_users, save_adapted_run
+    from prlhf.runs.directory import load_run
+    from prlhf.runs.users import save_adapted_run
+    from prlhf.train.adapt import adapt_users
 
     _set_threads(args.threads)
     out = Path(args.out)
@@ -49,7 +50,7 @@ def format_adapt_report(report: dict) -> str:
 
 def cmd_users_list(args) -> int:
     from prlhf.data.loading import load_records
-    from prlhf.users.manage import format_user_list, list_users
+    from prlhf.runs.users import format_user_list, list_users
 
     records = load_records(args.data) if args.data else None
     print(format_user_list(list_users(args.run, records)), end="")
@@ -57,7 +58,7 @@ def cmd_users_list(args) -> int:
 
 
 def cmd_users_delete(args) -> int:
-    from prlhf.users.manage import delete_user
+    from prlhf.runs.users import delete_user
 
     delete_user(args.run, args.user)
     print(f"deleted {args.user!r} from {args.run}; it now maps to the generic user")
@@ -65,7 +66,7 @@ def cmd_users_delete(args) -> int:
 
 
 def cmd_users_export(args) -> int:
-    from prlhf.users.manage import export_users
+    from prlhf.runs.users import export_users
 
     ids = [u for u in args.users.split(",") if u]
     paths = export_users(args.run, ids, args.out, overwrite=args.overwrite)
@@ -74,7 +75,7 @@ def cmd_users_export(args) -> int:
 
 
 def cmd_users_import(args) -> int:
-    from prlhf.users.manage import import_users
+    from prlhf.runs.users import import_users
 
     result = import_users(args.run, getattr(args, "from"), overwrite=args.overwrite)
     print(json.dumps(result))
@@ -94,7 +95,7 @@ def _times(factor: float) -> str:
 
 def register(subparsers) -> None:
     """Add `adapt` and `users` to the `prlhf` subcommands (the action returned by add_subparsers)."""
-    from prlhf.users.defaults import ADAPT_LR_FACTOR, DEFAULT_STEPS, WARM_STARTS
+    from prlhf.config import ADAPT_LR_FACTOR, DEFAULT_STEPS, WARM_STARTS
 
     a = subparsers.add_parser(
         "adapt", help="fit embeddings for new users on a finished run (LM, adapters, other users frozen)",

@@ -1,4 +1,4 @@
-"""Records -> token ids -> padded batches. User indices travel as tensors next to the tokens."""
+"""Records -> token ids (prompt, chosen, rejected), with the truncation rules of a run's config."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from prlhf.data.render import render_record
 from prlhf.data.schema import PreferenceRecord
-from prlhf.model.logprobs import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -22,24 +20,6 @@ class EncodedPair:
     chosen_ids: list[int]    # ends with EOS
     rejected_ids: list[int]  # ends with EOS
     user_id: str
-
-
-@dataclass
-class PairBatch:
-    """B pairs stacked as 2B sequences: rows [0, B) are chosen, rows [B, 2B) rejected (prompt + response)."""
-
-    input_ids: torch.Tensor       # (2B, L), right-padded
-    attention_mask: torch.Tensor  # (2B, L)
-    labels: torch.Tensor          # (2B, L), IGNORE_INDEX on prompt and padding
-    user_idx: torch.Tensor        # (B,) user-model index of each pair's user (0 = generic)
-    example_idx: torch.Tensor     # (B,) position of each pair in its dataset (to look up cached ref log-probs)
-
-    def to(self, device) -> "PairBatch":
-        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
-                                                   self.user_idx, self.example_idx)))
-
-    def __len__(self) -> int:
-        return self.user_idx.shape[0]
 
 
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -88,16 +68,8 @@ def encode_records(records: Sequence[PreferenceRecord], tokenizer: PreTrainedTok
     return encoded
 
 
-def collate_pairs(pairs: Sequence[EncodedPair], user_idx: torch.Tensor, example_idx: torch.Tensor,
-                  pad_id: int) -> PairBatch:
-    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    prompt_lens = [len(p.prompt_ids) for p in pairs] * 2
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (seq, plen) in enumerate(zip(seqs, prompt_lens)):
-        input_ids[row, :len(seq)] = torch.tensor(seq)
-        attention_mask[row, :len(seq)] = 1
-        labels[row, plen:len(seq)] = torch.tensor(seq[plen:])
-    return PairBatch(input_ids, attention_mask, labels, user_idx, example_idx)
+def encode_as_configured(records: Sequence[PreferenceRecord], tokenizer: PreTrainedTokenizerBase,
+                         config) -> list[EncodedPair]:
+    """encode_records with a run's own settings: `config` is its TrainConfig (max_length, max_prompt_length,
+    use_user_text)."""
+    return encode_records(records, tokenizer, config.max_length, config.max_prompt_length, config.use_user_text)

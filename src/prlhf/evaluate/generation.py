@@ -8,7 +8,7 @@ from statistics import mean
 import torch
 
 from prlhf.data.tokenize import adds_bos, encode_prompt, prompt_text_with_user
-from prlhf.model.run_dir import LoadedRun
+from prlhf.runs.directory import LoadedRun
 
 
 def generate_texts(run: LoadedRun, prompts: Sequence[str], user_ids: Sequence[str], max_new_tokens: int = 64,

@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tokenize import encode_records
-from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
-from prlhf.model.run_dir import LoadedRun
+from prlhf.model.scoring import implicit_reward_margins, per_user_accuracy
+from prlhf.runs.directory import LoadedRun
 
 
 def evaluate_run(run: LoadedRun, records: Sequence[PreferenceRecord], batch_size: int = 32,
                  show_progress: bool = False) -> dict:
-    cfg = run.config
-    pairs = encode_records(records, run.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.use_user_text)
+    pairs = run.encode(records)
     margins = implicit_reward_margins(run.model, pairs, run.registry, run.tokenizer.pad_token_id, batch_size,
                                       show_progress)
     return per_user_accuracy(records, margins, run.registry)

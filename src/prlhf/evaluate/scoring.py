@@ -6,12 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tokenize import encode_records
-from prlhf.model.run_dir import LoadedRun, RunError, load_run
-from prlhf.train.batching import PairCollator, length_sorted_batches
+from prlhf.model.scoring import reward_scores
+from prlhf.runs.directory import LoadedRun, RunError, load_run
 
 
 def require_reward_run(run: LoadedRun) -> LoadedRun:
@@ -20,7 +18,6 @@ def require_reward_run(run: LoadedRun) -> LoadedRun:
     return run
 
 
-@torch.no_grad()
 def score_responses(run: LoadedRun, user_ids: Sequence[str], prompts: Sequence[str], responses: Sequence[str],
                     user_texts: Sequence[str | None] | None = None, batch_size: int = 32) -> list[float]:
     """r(x, y, e_u) for each (user, prompt, response) row; users the run has not seen get the generic e_0."""
@@ -29,17 +26,8 @@ def score_responses(run: LoadedRun, user_ids: Sequence[str], prompts: Sequence[s
         raise ValueError("user_ids, prompts and responses must have the same length")
     texts = user_texts or [None] * len(prompts)
     records = [PreferenceRecord(u, p, r, r, t) for u, p, r, t in zip(user_ids, prompts, responses, texts)]
-    cfg = run.config
-    pairs = encode_records(records, run.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.use_user_text)
-    collate = PairCollator(pairs, run.registry, run.tokenizer.pad_token_id)
-    device = run.model.lm.get_input_embeddings().weight.device
-    out = torch.zeros(len(pairs))
-    for batch_idx in length_sorted_batches(pairs, batch_size):
-        batch = collate(batch_idx).to(device)
-        n = len(batch)  # rows [0, n) hold prompt + response (the "rejected" copy is not needed)
-        rewards = run.model(batch.input_ids[:n], batch.attention_mask[:n], batch.labels[:n], batch.user_idx)
-        out[batch.example_idx.cpu()] = rewards.float().cpu()
-    return out.tolist()
+    return reward_scores(run.model, run.encode(records), run.registry, run.tokenizer.pad_token_id,
+                         batch_size).tolist()
 
 
 @dataclass

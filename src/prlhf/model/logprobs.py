@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from prlhf.data.collate import IGNORE_INDEX
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -10,59 +10,37 @@ The reference policy is the same base with the LoRA adapters disabled and no use
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
 from peft import PeftModel
-from torch import nn
 from transformers import PreTrainedModel
 
-from prlhf.model.logprobs import IGNORE_INDEX, sequence_logps
+from prlhf.data.collate import IGNORE_INDEX
+from prlhf.model.logprobs import sequence_logps
 from prlhf.model.prompt_sharing import continuation_rows, group_by_prompt, left_align, prefix_rows
+from prlhf.model.soft_prompt import SoftPromptModel
 from prlhf.users.models import UserModel
 
 
-class PersonalizedLM(nn.Module):
+class PersonalizedLM(SoftPromptModel):
+    """pi(y | x, e_u): summed response log-probs with the user's soft tokens, pi_ref, and generation."""
+
     def __init__(self, lm: PreTrainedModel | PeftModel, user_model: UserModel, prefix_len: int,
                  share_prompts: bool = True, reference_lm: PreTrainedModel | None = None):
-        super().__init__()
-        self.lm = lm
+        super().__init__(lm, user_model, prefix_len)
         # pi_ref of an LM without adapters (a full fine-tune): a frozen copy made before training; a PEFT LM
         # needs none (its base with the adapters off is pi_ref)
         self.reference_lm = reference_lm.requires_grad_(False).eval() if reference_lm is not None else None
-        self.user_model = user_model
-        self.prefix_len = prefix_len  # 1 when sequences start with BOS (user tokens go after it), else 0
         # Score rows that share a prompt from one prefix forward (prompt_sharing.py). Off under activation
         # checkpointing, whose recomputation would append to the KV cache a second time.
         self.share_prompts = share_prompts
-        self._supports_logits_to_keep: bool | None = None
-        self._cache_kwarg: str | None = None
 
     def train(self, mode: bool = True) -> PersonalizedLM:
         super().train(mode)
         if self.reference_lm is not None:
             self.reference_lm.eval()  # frozen: no dropout in pi_ref, whatever the policy's mode
         return self
-
-    @property
-    def num_user_tokens(self) -> int:
-        return self.user_model.num_tokens
-
-    def insert_user_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                           user_idx: torch.Tensor | None):
-        """(S, L) ids -> (S, L + T_u, d) embeddings with the users' soft tokens after the prefix."""
-        embeds = self.lm.get_input_embeddings()(input_ids)  # (S, L, d)
-        if user_idx is None or self.num_user_tokens == 0:
-            return embeds, attention_mask, labels
-        soft = self.user_model(user_idx).to(embeds.dtype)  # (S, T_u, d)
-        s, t, b = input_ids.shape[0], soft.shape[1], self.prefix_len
-        embeds = torch.cat([embeds[:, :b], soft, embeds[:, b:]], dim=1)
-        ones = attention_mask.new_ones(s, t)
-        attention_mask = torch.cat([attention_mask[:, :b], ones, attention_mask[:, b:]], dim=1)
-        if labels is not None:
-            labels = torch.cat([labels[:, :b], labels.new_full((s, t), IGNORE_INDEX), labels[:, b:]], dim=1)
-        return embeds, attention_mask, labels
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 user_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,22 +84,6 @@ class PersonalizedLM(nn.Module):
                            position_ids=positions, use_cache=True, **{self.cache_kwarg(): cache}).logits
         logits = torch.cat([first_logits[:, None], c_logits], dim=1)  # (S, 1 + R, V)
         return sequence_logps(logits, torch.cat([torch.full_like(c_labels[:, :1], IGNORE_INDEX), c_labels], 1))
-
-    def cache_kwarg(self) -> str:
-        """The forward argument that takes a KV cache: `cache` in transformers 5, `past_key_values` before."""
-        if self._cache_kwarg is None:
-            self._cache_kwarg = "cache" if "cache" in self._base_forward_params() else "past_key_values"
-        return self._cache_kwarg
-
-    def _base_forward_params(self):
-        """The parameter names of the underlying transformers model's forward (under any PEFT wrapper)."""
-        base = self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
-        return inspect.signature(base.forward).parameters
-
-    def supports_logits_to_keep(self) -> bool:
-        if self._supports_logits_to_keep is None:
-            self._supports_logits_to_keep = "logits_to_keep" in self._base_forward_params()
-        return self._supports_logits_to_keep
 
     def _logits_to_keep(self, labels: torch.Tensor) -> int | None:
         """How many final positions need logits: from the one before the earliest response token on. The output

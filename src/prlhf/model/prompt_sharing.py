@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prlhf.model.logprobs import IGNORE_INDEX
+from prlhf.data.collate import IGNORE_INDEX
 
 
 @dataclass

@@ -11,18 +11,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prlhf.model.logprobs import IGNORE_INDEX
-from prlhf.model.personalized import PersonalizedLM
+from prlhf.data.collate import IGNORE_INDEX
+from prlhf.model.soft_prompt import SoftPromptModel
 from prlhf.users.models import UserModel
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
-class PersonalizedRewardModel(PersonalizedLM):
-    """Same soft-token insertion as `PersonalizedLM`; `forward` returns rewards (S,) instead of log-probs.
+class PersonalizedRewardModel(SoftPromptModel):
+    """The personalized LM's backbone and soft-token insertion; `forward` returns rewards (S,) instead of log-probs.
 
-    It keeps `PersonalizedLM`'s call signature (labels are accepted and ignored) so the training loop,
-    evaluation and batching serve both objectives unchanged.
+    It keeps `PersonalizedLM`'s call signature (labels are read by pool "mean" only) so the training loop,
+    evaluation and batching serve both objectives unchanged. It has no reference policy and does not generate.
     """
 
     is_reward_model = True
@@ -56,10 +56,3 @@ class PersonalizedRewardModel(PersonalizedLM):
             last = mask.sum(-1) - 1  # (S,) right padding: the last real token
             h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (S, d)
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
-
-    @torch.no_grad()
-    def reference_logps(self, *args, **kwargs):
-        raise TypeError("a reward model has no reference policy")
-
-    def generate(self, *args, **kwargs):
-        raise TypeError("a reward model does not generate text; use it to rerank a policy's samples (--rerank)")

@@ -1,4 +1,4 @@
-"""Seeded, resumable batch order over the training pairs, and batched passes over a whole dataset."""
+"""Seeded, resumable batch order over the training pairs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
-
-from prlhf.data.tokenize import EncodedPair, PairBatch, collate_pairs
-from prlhf.users.registry import UserRegistry
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -44,27 +41,3 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
-
-
-class PairCollator:
-    """Index lists -> PairBatch. Without a registry (reference passes) every pair gets the generic index 0."""
-
-    def __init__(self, pairs: Sequence[EncodedPair], registry: UserRegistry | None, pad_id: int):
-        self.pairs, self.pad_id = pairs, pad_id
-        self.user_idx = (registry.indices([p.user_id for p in pairs]) if registry is not None
-                         else torch.zeros(len(pairs), dtype=torch.long))  # (N,)
-
-    def __call__(self, indices: list[int]) -> PairBatch:
-        idx = torch.tensor(indices, dtype=torch.long)
-        return collate_pairs([self.pairs[i] for i in indices], self.user_idx[idx], idx, self.pad_id)
-
-
-def pair_length(pair: EncodedPair) -> int:
-    """Padded width of the pair's rows: its prompt plus the longer response."""
-    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
-
-
-def length_sorted_batches(pairs: Sequence[EncodedPair], batch_size: int) -> list[list[int]]:
-    """For passes without gradients: similar lengths together wastes less compute on padding."""
-    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]

@@ -16,16 +16,16 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from prlhf.config import TrainConfig
+from prlhf.data.collate import IGNORE_INDEX, PairBatch, PairCollator, pair_length
 from prlhf.data.loading import load_records
-from prlhf.data.tokenize import PairBatch, adds_bos
+from prlhf.data.tokenize import adds_bos
 from prlhf.losses import chosen_nll, p_dpo_loss, p_rm_loss
-from prlhf.model.logprobs import IGNORE_INDEX
 from prlhf.model.loading import add_lora, disable_dropout, enable_activation_checkpointing, input_embeddings_as_seen
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.reward import PersonalizedRewardModel
-from prlhf.model.run_dir import save_run
 from prlhf.progress import bar_disabled
-from prlhf.train.batching import EpochBatchSampler, PairCollator, pair_length
+from prlhf.runs.directory import save_run
+from prlhf.train.batching import EpochBatchSampler
 from prlhf.train.checkpoint import Trainable, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from prlhf.train.distributed import allow_precision_change, cpu_processes, start_accelerator
 from prlhf.train.metrics import TrainMetrics, tracker_names, truncate_log

@@ -11,10 +11,9 @@ import torch
 
 from prlhf.config import TrainConfig
 from prlhf.data.loading import load_records
-from prlhf.data.tokenize import encode_records
-from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
+from prlhf.data.tokenize import encode_as_configured
 from prlhf.model.personalized import PersonalizedLM
-from prlhf.train.reference import compute_reference_logps
+from prlhf.model.scoring import compute_reference_logps, implicit_reward_margins, per_user_accuracy
 from prlhf.users.registry import UserRegistry
 
 SUMMARY_KEYS = ("accuracy", "mean_user_accuracy", "worst_user_accuracy", "unseen_accuracy")
@@ -50,8 +49,7 @@ class PeriodicEval:
     def __init__(self, splits: dict[str, list], config: TrainConfig, tokenizer, registry: UserRegistry,
                  log_path: Path):
         self.records = splits
-        self.pairs = {name: encode_records(recs, tokenizer, config.max_length, config.max_prompt_length,
-                                           config.use_user_text) for name, recs in splits.items()}
+        self.pairs = {name: encode_as_configured(recs, tokenizer, config) for name, recs in splits.items()}
         self.pad_id = tokenizer.pad_token_id
         self.registry = registry
         self.log_path = log_path

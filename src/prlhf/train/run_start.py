@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prlhf.config import ConfigError, TrainConfig, short_repr, to_yaml
 from prlhf.data.schema import PreferenceRecord
-from prlhf.model.run_dir import read_pointer, run_lock
+from prlhf.runs.directory import read_pointer, run_lock
 from prlhf.safe_io import TMP_PREFIX, atomic_write_text, remove_path
 from prlhf.train.checkpoint import TMP_STEP_PREFIX, list_checkpoints
 

@@ -13,11 +13,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prlhf.config import TrainConfig
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tokenize import EncodedPair, encode_records
+from prlhf.data.tokenize import EncodedPair, encode_as_configured
 from prlhf.model.loading import check_lora_targets, ensure_pad_token, load_base
 from prlhf.model.personalized import PersonalizedLM
-from prlhf.model.run_dir import RunError
 from prlhf.model.tiny import build_tiny_model, build_tiny_tokenizer
+from prlhf.runs.directory import RunError
 from prlhf.safe_io import (MANIFEST, fault_point, fsync_path, make_temp_dir, manifest_problem, remove_path, rename,
                            write_manifest)
 from prlhf.train.checkpoint import rng_state, set_rng_state
@@ -42,7 +42,7 @@ def record_texts(records: Sequence[PreferenceRecord]) -> list[str]:
 
 
 def encode(config: TrainConfig, records, tokenizer) -> list[EncodedPair]:
-    return encode_records(records, tokenizer, config.max_length, config.max_prompt_length, config.use_user_text)
+    return encode_as_configured(records, tokenizer, config)
 
 
 def prepare_base(

@@ -17,10 +17,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from prlhf.data.collate import IGNORE_INDEX, PairCollator, length_sorted_batches
 from prlhf.data.tokenize import EncodedPair
-from prlhf.model.logprobs import IGNORE_INDEX, sequence_logps
+from prlhf.model.logprobs import sequence_logps
 from prlhf.progress import bar_disabled
-from prlhf.train.batching import EpochBatchSampler, PairCollator, length_sorted_batches
+from prlhf.train.batching import EpochBatchSampler
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +54,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from prlhf.config import TrainConfig, load_config_file, to_yaml
-from prlhf.data.tokenize import adds_bos
+from prlhf.data.schema import PreferenceRecord
+from prlhf.data.tokenize import EncodedPair, adds_bos, encode_as_configured
 from prlhf.model.loading import ensure_pad_token, load_base
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.model.reward import VALUE_HEAD_FILE, PersonalizedRewardModel
 from prlhf.safe_io import (MANIFEST, TMP_PREFIX, atomic_write_json, atomic_write_text, copy_file, copy_tree,
-                           fault_point, folder_lock, fsync_path, make_temp_dir, manifest_problem, remove_path,
-                           rename, write_manifest)
+                           fault_point, folder_lock, fsync_path, make_temp_dir, manifest_problem, remove_path, rename,
+                           write_manifest)
 from prlhf.users.models import user_model_from_config
 from prlhf.users.registry import UserRegistry
 
@@ -84,6 +85,10 @@ class LoadedRun:
     registry: UserRegistry
     config: TrainConfig
     path: Path
+
+    def encode(self, records: Sequence[PreferenceRecord]) -> list[EncodedPair]:
+        """Token ids of `records` as this run was trained: its tokenizer, lengths and use_user_text."""
+        return encode_as_configured(records, self.tokenizer, self.config)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Few-shot fitting of new users on a finished run (P-RLHF.md §2, "few-shot fitting of a new user's vector").
 
-Only the new users' own rows are trained: the offset o_i of the individual model (starting from 0, i.e. from the
-generic user e_0) or the mixture logits w_i of the cluster model (starting from the generic user's w_0). The LM,
-its adapters, e_0 / the prototypes and every known user are frozen. The loss is P-DPO with alpha = 1, i.e. DPO
+Only the new users' own rows are trained (the user-model kind says which tensor is a user's row and what it
+means: o_i of the individual model, w_i of the cluster model, v_i of the low-rank one), starting from the kind's
+generic row (the generic user e_0) or a warm start. The LM, its adapters, the shared user-model parameters and
+every known user are frozen. The loss is P-DPO with alpha = 1, i.e. DPO
 with the user's embedding, against the reference (base, adapters off, no user tokens) computed once:
 
     l_i = -log sigmoid(beta * [(log pi(y_w|x,e_i) - log pi_ref(y_w|x)) - (log pi(y_l|x,e_i) - log pi_ref(y_l|x))])
@@ -13,62 +14,31 @@ users in one batch (loss = sum over users of their mean loss) is the same as fit
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import os
 import random
 import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from prlhf.config import ConfigError, TrainConfig
+from prlhf.config import ADAPT_LR_FACTOR, DEFAULT_STEPS, WARM_STARTS, ConfigError, TrainConfig
+from prlhf.data.collate import collate_pairs
 from prlhf.data.schema import PreferenceRecord
-from prlhf.data.tokenize import EncodedPair, collate_pairs, encode_records
-from prlhf.evaluate.accuracy import implicit_reward_margins, per_user_accuracy
+from prlhf.data.tokenize import EncodedPair
 from prlhf.losses import dpo_loss
 from prlhf.model.personalized import PersonalizedLM
-from prlhf.model.run_dir import LoadedRun, RunError, copy_artifacts, resolve_run, write_version
+from prlhf.model.scoring import compute_reference_logps, implicit_reward_margins, per_user_accuracy
 from prlhf.progress import bar_disabled
-from prlhf.safe_io import (copy_file, copy_tree, fault_point, fsync_path, fsync_tree, held_temp_dir, remove_path,
-                           remove_stale_temp_dirs, rename)
+from prlhf.runs.directory import LoadedRun, RunError
+from prlhf.runs.users import UserTable, extend_rows, require_personalized, table_from_module
 from prlhf.train.loop import TrainingDiverged
-from prlhf.train.reference import compute_reference_logps
-from prlhf.users.manage import (USER_FILES, UserTable, extend_rows, require_personalized, stage_user_table,
-                                table_from_module)
-from prlhf.users.defaults import ADAPT_LR_FACTOR, DEFAULT_STEPS, WARM_STARTS
+from prlhf.users.models import RowsOverShared, user_model_class
 from prlhf.users.registry import UserRegistry
 
 logger = logging.getLogger(__name__)
-
-
-class NewUserRows(nn.Module):
-    """Soft tokens of the new users only, from trainable rows over a frozen user model's shared parameters.
-
-    Indexed by the new users' local index 0..n-1 (not the registry index).
-    """
-
-    def __init__(self, frozen, init_rows: torch.Tensor):
-        super().__init__()
-        self.frozen, self.kind = frozen, frozen.kind
-        self.num_tokens, self.hidden_size = frozen.num_tokens, frozen.hidden_size
-        self.rows = nn.Parameter(init_rows.clone())  # (n, T_u*d) offsets or (n, K) logits
-
-    def forward(self, local_idx: torch.Tensor) -> torch.Tensor:
-        rows = self.rows[local_idx]
-        if self.kind == "individual":  # e_i = e_0 + o_i
-            return self.frozen.generic.unsqueeze(0) + rows.view(-1, self.num_tokens, self.hidden_size)
-        if self.kind == "lowrank":  # e_i = e_0 + U v_i
-            offset = (rows @ self.frozen.up.T).view(-1, self.num_tokens, self.hidden_size)
-            return self.frozen.generic.unsqueeze(0) + offset
-        mix = torch.softmax(rows, dim=-1)  # (B, K): e_i = sum_k softmax(w_i)_k V_k
-        return torch.einsum("bk,ktd->btd", mix, self.frozen.prototypes)
 
 
 # ------------------------------------------------------------------------------------------------ warm start
@@ -106,21 +76,11 @@ def text_neighbours(text: str, known: dict[str, str]) -> tuple[list[str], str]:
     return [u for u, s in scores.items() if s == best], f"jaccard={best:.2f}"
 
 
-def mean_row(table: UserTable, user_ids: Sequence[str]) -> torch.Tensor:
-    """The row whose embedding is the mean of these users' embeddings: the mean offset (individual), or the log
-    of the mean mixture (cluster: softmax(log p) = p, so the mixed prototypes are the mean embedding)."""
-    rows = table.rows[torch.tensor([table.registry.index(u) for u in user_ids])].float()
-    if table.kind in ("individual", "lowrank"):  # linear in the row: the mean row is the mean embedding
-        return rows.mean(0)
-    return torch.log(torch.softmax(rows, dim=-1).mean(0))
-
-
 def initial_rows(table: UserTable, new_ids: Sequence[str], warm_start: str, new_texts: dict[str, str],
                  known_texts: dict[str, str]) -> tuple[torch.Tensor, dict[str, str]]:
     """(n, row) initial rows and, per user, where the start came from."""
-    generic = table.rows[0].float()
-    if table.kind in ("individual", "lowrank"):
-        generic = torch.zeros_like(generic)  # o = 0 (v = 0) is the generic user e_0
+    module = table.to_module()
+    generic = module.generic_row()
     rows, source = [], {}
     known = {u: t for u, t in known_texts.items() if u in table.registry}
     for uid in new_ids:
@@ -128,7 +88,7 @@ def initial_rows(table: UserTable, new_ids: Sequence[str], warm_start: str, new_
         if warm_start == "text" and uid in new_texts:
             found, how = text_neighbours(new_texts[uid], known)
         if found:
-            rows.append(mean_row(table, found))
+            rows.append(module.mean_row(table.rows[torch.tensor([table.registry.index(u) for u in found])].float()))
             source[uid] = f"text {how}: mean of {len(found)} user(s)"
         else:
             rows.append(generic.clone())
@@ -171,7 +131,7 @@ def fit_rows(model: PersonalizedLM, init_rows: torch.Tensor, pairs: Sequence[Enc
     ref_chosen, ref_rejected = compute_reference_logps(model, pairs, pad_id, show_progress=False)  # (P,), (P,)
     for p in model.parameters():  # PEFT's disable_adapter() marks the adapters trainable again on exit
         p.requires_grad_(False)
-    new = NewUserRows(model.user_model, init_rows.float())
+    new = RowsOverShared(model.user_model, init_rows.float())
     fitter = PersonalizedLM(model.lm, new, model.prefix_len).eval()  # eval: no dropout in the frozen LM
     counts = torch.bincount(local_idx, minlength=init_rows.shape[0]).float()
     weights = 1.0 / counts[local_idx]  # (P,): each user's mean loss, summed over users
@@ -215,9 +175,10 @@ def _accuracy_by_user(model: PersonalizedLM, records: Sequence[PreferenceRecord]
 
 
 def default_adapt_lr(config: TrainConfig, kind: str) -> float:
-    """ADAPT_LR_FACTOR x the rate the run trained its users' own rows with: the individual model's offsets at
-    user_lr, the cluster model's mixing logits and the low-rank model's vectors at user_code_lr."""
-    trained = config.resolved_user_lr() if kind == "individual" else config.resolved_user_code_lr()
+    """ADAPT_LR_FACTOR x the rate the run trained its users' own rows with: user_code_lr for rows that are codes
+    (the cluster model's mixing logits, the low-rank model's vectors), user_lr for soft-token offsets."""
+    codes = user_model_class(kind).rows_are_codes
+    trained = config.resolved_user_code_lr() if codes else config.resolved_user_lr()
     return ADAPT_LR_FACTOR * trained
 
 
@@ -273,7 +234,7 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
     init, init_source = initial_rows(table, new_ids, warm_start, user_texts(records),
                                      user_texts(known_records or []))
     local = {u: i for i, u in enumerate(new_ids)}
-    pairs = encode_records(fit_records, tok, cfg.max_length, cfg.max_prompt_length, cfg.use_user_text)
+    pairs = run.encode(fit_records)
     local_idx = torch.tensor([local[r.user_id] for r in fit_records], dtype=torch.long)
 
     # Frozen: no parameter of the run gets a gradient; only the new rows (a fresh Parameter) do.
@@ -289,7 +250,7 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
         model = PersonalizedLM(run.model.lm, new_table.to_module(), run.model.prefix_len).eval()
         before, start_acc, after = {}, {}, {}
         if held:
-            held_pairs = encode_records(held, tok, cfg.max_length, cfg.max_prompt_length, cfg.use_user_text)
+            held_pairs = run.encode(held)
             before = _accuracy_by_user(run.model, held, held_pairs, run.registry, pad_id)  # generic e_0
             start_acc = before
             if warm_start != "none":
@@ -320,54 +281,3 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
         report["mean_before"] = sum(before[u] for u in evaluated) / len(evaluated)
         report["mean_after"] = sum(after[u] for u in evaluated) / len(evaluated)
     return new_run, report
-
-
-# ----------------------------------------------------------------------------------------- writing a new run
-
-
-# What an adapted run copies from its source's top level besides the current version (not checkpoints/: they
-# would resume the old run)
-COPY_TOP = ("base", "config.yaml", "metrics.jsonl", "eval.jsonl")
-
-
-def save_adapted_run(source: str | os.PathLike, new_run: LoadedRun, out: str | os.PathLike,
-                     report: dict | None = None) -> Path:
-    """A new run directory `out`: the source's base/ and logs, and as its version v1 the source's current artifacts
-    with the extended user model and registry (and adapt.json). It is built in a temporary folder beside `out`
-    and renamed into place in one step: a kill or a full disk leaves no `out` at all."""
-    source, out = Path(source), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: already exists and is not empty; choose another --out")
-    run = resolve_run(source)
-    table = table_from_module(new_run.model.user_model, new_run.registry)
-
-    def fill(folder: Path) -> None:
-        copy_artifacts(run, folder, skip=USER_FILES + ("adapt.json",))
-        stage_user_table(folder, table)
-        if report is not None:
-            fault_point("version", "write adapt.json")
-            (folder / "adapt.json").write_text(json.dumps({"adapted_from": str(source), **report}, indent=1) + "\n")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temp_dirs(out.parent, out.name):
-        logger.info("removed %s, left by an adapt that was killed", stale)
-    with held_temp_dir(out.parent, out.name) as tmp:
-        try:
-            for name in COPY_TOP:
-                if os.path.lexists(src := run.root / name):
-                    (copy_tree if src.is_dir() else copy_file)(src, tmp / name, "version")
-            write_version(tmp, fill, {**run.summary, "n_users": len(new_run.registry)}, written_by="adapt")
-            fsync_tree(tmp)
-            if out.exists():
-                out.rmdir()  # empty (checked above)
-            try:
-                rename(tmp, out, "version")
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another process wrote `out` meanwhile
-                    raise ConfigError(f"{out}: already exists and is not empty; choose another --out") from None
-                raise
-            fsync_path(out.parent)
-        except BaseException:
-            remove_path(tmp, "cleanup")
-            raise
-    return out

@@ -1,19 +1,23 @@
-"""Per-user rows of a saved run: list, delete, export and import users, and the row surgery behind them.
+"""Per-user rows of a saved run: list, delete, export and import users, the row surgery behind them, and the
+new run that `prlhf adapt` writes.
 
 A user's own parameters are one row of the user model (P-RLHF.md §2): the offset o_i (T_u*d values) of the
-individual model, or the K mixture logits w_i of the cluster model. Everything else (e_0, the prototypes V_k,
+individual model, the K mixture logits w_i of the cluster model, or the low-rank vector v_i (prlhf.users.models
+says which, per kind: `UserModel.row_key`). Everything else (e_0, the prototypes V_k,
 the LM and its adapters) is shared. Row 0 is the generic user. Editing users = editing rows; the shared
 parameters and every other row are copied bitwise, so other users' outputs do not change.
 
-A change (delete, import) is a new version of the run (prlhf.model.run_dir): the three user files are written
+A change (delete, import) is a new version of the run (prlhf.runs.directory): the three user files are written
 with copies of the other artifacts into a new version folder, which run.json then makes current in one atomic
 step, under the run's lock. A kill or a full disk leaves the run at its old version or its new one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,16 +28,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, load_file, save, save_file
 
-from prlhf.config import TrainConfig, load_config_file
-from prlhf.model.run_dir import (RunError, RunFiles, base_location, copy_artifacts, resolve_run, run_lock,
-                                 write_version)
-from prlhf.safe_io import atomic_write_bytes, atomic_write_json, fault_point, output_file_problem
-from prlhf.users.models import UserModel, user_model_from_config
+from prlhf.config import ConfigError, TrainConfig, load_config_file
+from prlhf.runs.directory import (LoadedRun, RunError, RunFiles, base_location, copy_artifacts, resolve_run, run_lock,
+                                  write_version)
+from prlhf.safe_io import (atomic_write_bytes, atomic_write_json, copy_file, copy_tree, fault_point, fsync_path,
+                           fsync_tree, held_temp_dir, output_file_problem, remove_path, remove_stale_temp_dirs, rename)
+from prlhf.users.models import UserModel, user_model_class, user_model_from_config
 from prlhf.users.registry import UserRegistry
 
-# (N+1, T_u*d) offsets, (N+1, K) mixture logits or (N+1, r) low-rank vectors
-ROW_KEYS = {"individual": "offsets.weight", "cluster": "weights.weight", "lowrank": "vectors.weight"}
-SHARED_KEYS = {"individual": ("generic",), "cluster": ("prototypes",), "lowrank": ("generic", "up")}
+logger = logging.getLogger(__name__)
+
 EXPORT_FORMAT = "prlhf-users/1"
 USER_FILES = ("user_model.safetensors", "user_model.json", "users.json")
 
@@ -51,15 +55,20 @@ class UserTable:
         return self.config["kind"]
 
     @property
+    def kind_class(self) -> type[UserModel]:
+        return user_model_class(self.kind)
+
+    @property
     def rows(self) -> torch.Tensor:
-        return self.state[ROW_KEYS[self.kind]]
+        """(N+1, R): the kind's per-user table (prlhf.users.models.UserModel.row_key)."""
+        return self.state[self.kind_class.row_key]
 
     def with_rows(self, rows: torch.Tensor, registry: UserRegistry) -> "UserTable":
         """The same shared parameters with a new row table (row 0 = generic, rows 1..N = registry order)."""
         if rows.shape[0] != len(registry) + 1:
             raise ValueError(f"{rows.shape[0]} rows for {len(registry)} users (+1 generic)")
         state = dict(self.state)
-        state[ROW_KEYS[self.kind]] = rows.contiguous()
+        state[self.kind_class.row_key] = rows.contiguous()
         return UserTable({**self.config, "num_users": len(registry)}, state, registry)
 
     def to_module(self) -> UserModel:
@@ -69,7 +78,7 @@ class UserTable:
 
 
 def require_personalized(kind: str, what: str) -> None:
-    if kind not in ROW_KEYS:
+    if user_model_class(kind).row_key is None:
         raise RunError(f"{what}: the run's user model is {kind!r} (vanilla DPO): it has no per-user embeddings")
 
 
@@ -93,7 +102,7 @@ def table_from_module(user_model: UserModel, registry: UserRegistry) -> UserTabl
 
 
 def stage_user_table(folder: Path, table: UserTable) -> None:
-    """The three user files of a version, into a staging folder (prlhf.model.run_dir.write_version)."""
+    """The three user files of a version, into a staging folder (prlhf.runs.directory.write_version)."""
     fault_point("version", "write user_model.safetensors")
     save_file(table.state, str(folder / "user_model.safetensors"))
     fault_point("version", "write user_model.json")
@@ -239,10 +248,11 @@ def export_users(run_dir: str | os.PathLike, user_ids: Sequence[str], prefix: st
         raise RunError("users export: no user ids given")
     idx = torch.tensor([table.registry.index(u) for u in user_ids])
     tensors = {"rows": table.rows[idx].contiguous()}
-    if table.kind == "individual":
-        module = table.to_module()
-        with torch.no_grad():
-            tensors["embeddings"] = module(idx).contiguous()  # (n, T_u, d): e_i = e_0 + o_i
+    module = table.to_module()
+    with torch.no_grad():
+        embeddings = module(idx)  # (n, T_u, d)
+        if module.rows_for_embeddings(embeddings) is not None:  # the kind can carry e_i to other shared params
+            tensors["embeddings"] = embeddings.contiguous()
     blob = save(tensors)  # bytes
     meta = {"format": EXPORT_FORMAT, "base": base_identity(run_dir), "user_model": shape_config(table.config),
             "shared_sha256": shared_hash(table), "users": list(user_ids),
@@ -256,7 +266,7 @@ def export_users(run_dir: str | os.PathLike, user_ids: Sequence[str], prefix: st
 
 
 def shared_hash(table: UserTable) -> str:
-    return hashlib.sha256("".join(tensor_sha256(table.state[k]) for k in SHARED_KEYS[table.kind]).encode()
+    return hashlib.sha256("".join(tensor_sha256(table.state[k]) for k in table.kind_class.shared_keys).encode()
                           ).hexdigest()
 
 
@@ -307,12 +317,13 @@ def _import_rows(run: RunFiles, prefix: Path, meta: dict, tensors: dict, overwri
         raise RunError(f"users import: already in {run_dir}: {', '.join(repr(u) for u in existing)} "
                        f"(pass --overwrite to replace them)")
     rebased = meta["shared_sha256"] != shared_hash(table)
-    if rebased:
-        if table.kind != "individual":
+    if rebased:  # keep each user's embedding e_i, as a row over this run's shared parameters
+        carried = (table.to_module().rows_for_embeddings(tensors["embeddings"]) if "embeddings" in tensors
+                   else None)
+        if carried is None:
             raise RunError(f"users import: {prefix} comes from a run with other shared {table.kind} parameters; "
                            f"its rows only make sense over the prototypes / projection they were trained with")
-        generic = table.state["generic"]  # (T_u, d)
-        rows = (tensors["embeddings"] - generic.unsqueeze(0)).reshape(rows.shape).to(table.rows.dtype)
+        rows = carried.detach().reshape(rows.shape).to(table.rows.dtype)
     new_rows = table.rows.clone()
     registry = UserRegistry(table.registry.user_ids)
     extra = []
@@ -341,3 +352,54 @@ def extend_rows(table: UserTable, new_ids: Iterable[str], new_rows: torch.Tensor
         registry.add(uid)
     rows = torch.cat([table.rows, new_rows.to(table.rows.dtype)])
     return table.with_rows(rows, registry)
+
+
+# ----------------------------------------------------------------------------------------- writing a new run
+
+
+# What an adapted run copies from its source's top level besides the current version (not checkpoints/: they
+# would resume the old run)
+COPY_TOP = ("base", "config.yaml", "metrics.jsonl", "eval.jsonl")
+
+
+def save_adapted_run(source: str | os.PathLike, new_run: LoadedRun, out: str | os.PathLike,
+                     report: dict | None = None) -> Path:
+    """A new run directory `out`: the source's base/ and logs, and as its version v1 the source's current artifacts
+    with the extended user model and registry (and adapt.json). It is built in a temporary folder beside `out`
+    and renamed into place in one step: a kill or a full disk leaves no `out` at all."""
+    source, out = Path(source), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: already exists and is not empty; choose another --out")
+    run = resolve_run(source)
+    table = table_from_module(new_run.model.user_model, new_run.registry)
+
+    def fill(folder: Path) -> None:
+        copy_artifacts(run, folder, skip=USER_FILES + ("adapt.json",))
+        stage_user_table(folder, table)
+        if report is not None:
+            fault_point("version", "write adapt.json")
+            (folder / "adapt.json").write_text(json.dumps({"adapted_from": str(source), **report}, indent=1) + "\n")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temp_dirs(out.parent, out.name):
+        logger.info("removed %s, left by an adapt that was killed", stale)
+    with held_temp_dir(out.parent, out.name) as tmp:
+        try:
+            for name in COPY_TOP:
+                if os.path.lexists(src := run.root / name):
+                    (copy_tree if src.is_dir() else copy_file)(src, tmp / name, "version")
+            write_version(tmp, fill, {**run.summary, "n_users": len(new_run.registry)}, written_by="adapt")
+            fsync_tree(tmp)
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            try:
+                rename(tmp, out, "version")
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another process wrote `out` meanwhile
+                    raise ConfigError(f"{out}: already exists and is not empty; choose another --out") from None
+                raise
+            fsync_path(out.parent)
+        except BaseException:
+            remove_path(tmp, "cleanup")
+            raise
+    return out
