@@ -2,9 +2,9 @@
 new run that `prlhf adapt` writes.
 
 A user's own parameters are one row of the user model (P-RLHF.md §2): the offset o_i (T_u*d values) of the
-individual model, the K mixture logits w_i of the cluster model, or the low-rank vector v_i (prlhf.users.models
-says which, per kind: `UserModel.row_key`). Everything else (e_0, the prototypes V_k,
-the LM and its adapters) is shared. Row 0 is the generic user. Editing users = editing rows; the shared
+individual model, the K mixture logits w_i of the cluster model, or the vector v_i of the low-rank model (the
+kind says which: `UserModel.row_key`). Everything else (e_0, the prototypes V_k, U, the LM and its adapters) is
+shared. Row 0 is the generic user. Editing users = editing rows; the shared
 parameters and every other row are copied bitwise, so other users' outputs do not change.
 
 A change (delete, import) is a new version of the run (prlhf.runs.directory): the three user files are written
