@@ -37,12 +37,12 @@ def bench_train_options(model: str, train_options: dict, device: str = "cpu") ->
 
 def default_notes(names: tuple[str, ...]) -> dict[str, str]:
     """field -> its default in a benchmark, for --help, where that differs from TrainConfig's."""
+    own = {f.name: f.default for f in fields(TrainConfig)}
     notes = {}
     for name in names:
         tiny, pretrained = TINY_TRAIN_DEFAULTS.get(name), PRETRAINED_TRAIN_DEFAULTS.get(name)
         if tiny is not None or pretrained is not None:
-            own = {f.name: f.default for f in fields(TrainConfig)}[name]
-            tiny, pretrained = own if tiny is None else tiny, own if pretrained is None else pretrained
+            tiny, pretrained = own[name] if tiny is None else tiny, own[name] if pretrained is None else pretrained
             notes[name] = str(tiny) if tiny == pretrained else f"{tiny} with tiny, {pretrained} with a pretrained model"
     if "batch_size" in notes:
         notes["batch_size"] += (f"; on a CPU a pretrained model's {PRETRAINED_TRAIN_DEFAULTS['batch_size']} go in "
