@@ -17,6 +17,7 @@ LAYERS = [
     ("runs",),      # the run directory: versions, save, load, per-user row edits as file operations
     ("train",),     # the loop, optimizer, checkpoints, reference cache, few-shot adaptation of new users
     ("evaluate",),  # per-user metrics on a run, generation, reward scoring, reports and plots
+    ("serve",),     # the OpenAI-compatible server over a run, and the export for other serving engines
     ("bench",),     # the benchmarks, the methods they compare and the runner that trains them
     ("demo",),      # `prlhf demo`, on the benchmarks' runner
     ("cli",),

@@ -112,3 +112,17 @@ def test_each_kind_owns_its_row_semantics(kind):
     again = user_model_from_config(um.config())
     again.load_state_dict(state)
     assert torch.equal(again(idx), um(idx))  # config() is complete
+
+
+def test_compact_registry_answers_like_the_registry():
+    from prlhf.users.registry import CompactRegistry
+
+    ids = [f"u{i * 7919 % 1000:04d}" for i in range(1000)] + ["ü-ñ", "a", "ab"]
+    registry = UserRegistry(ids)
+    compact = CompactRegistry.of(registry)
+    assert len(compact) == len(registry) and compact.user_ids == registry.user_ids
+    probes = ids + ["", "zzz", "u", "u00000", "ü"]
+    assert [compact.index(u) for u in probes] == [registry._index.get(u, 0) for u in probes]
+    assert [u in compact for u in probes] == [u in registry for u in probes]
+    assert compact.indices(probes).tolist() == registry.indices(probes).tolist()
+    assert compact.nbytes < 20 * len(ids)  # ids are 1-5 bytes: offsets and indices take 4 bytes each

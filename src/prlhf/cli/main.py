@@ -19,6 +19,8 @@ from prlhf.cli.polis_cmds import add_build_flags as add_polis_build_flags
 from prlhf.cli.polis_cmds import build_summary as polis_build_summary
 from prlhf.cli.polis_cmds import polis_build_kwargs, refuse_polis_flags
 from prlhf.cli.polis_cmds import register_bench as register_polis_bench
+from prlhf.cli.export_cmd import register as register_export_command
+from prlhf.cli.serve_cmd import register as register_serve_command
 from prlhf.cli.users_cmds import register as register_user_commands
 from prlhf.config import ConfigError, TrainConfig
 
@@ -180,7 +182,7 @@ def cmd_bench_persona(args) -> int:
 
 # benchmark -> (module, function(out, **arguments)), imported when it runs: --help stays free of torch
 BENCHES = {"persona": ("prlhf.bench.persona", "run_persona_bench"), "tldr": ("prlhf.bench.tldr", "run_tldr_bench"),
-           "polis": ("prlhf.bench.polis", "run_polis_bench"), "length": ("prlhf.bench.length", "run_length_bench")}
+           "polis": ("prlhf.bench.polis", "run_polis_bench"), "length": ("prlhf.bench.length", "run_length_bench"), "serve": ("prlhf.bench.serve", "run_serve_bench")}
 
 
 def bench_function(bench: str):
@@ -246,6 +248,13 @@ def cmd_bench_length(args) -> int:
     if not all(0.5 <= x < 1.0 for x in shares):
         raise ConfigError("bench length: --shares must lie in [0.5, 1)")
     return run_bench("length", args, dict(shares=shares, quick=args.quick, threads=args.threads, seed=args.seed))
+
+
+def cmd_bench_serve(args) -> int:
+    if args.many_users < 11:
+        raise ConfigError("bench serve: --many-users must be at least 11 (the comparison is against 10 users)")
+    return run_bench("serve", args, dict(model=args.model, quick=args.quick, threads=args.threads, seed=args.seed,
+                                         many_users=args.many_users))
 
 
 def cmd_bench_speed(args) -> int:
@@ -356,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose generations on the tiny model lose fluency (default 0.5)")
     m.set_defaults(func=cmd_demo)
     register_user_commands(sub)
+    register_serve_command(sub)
+    register_export_command(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (results as JSON + Markdown)")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -365,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder for speed.json and speed.md")
     sp.add_argument("--threads", type=int, default=2, help="torch CPU threads per measured process (default 2)")
     sp.set_defaults(func=cmd_bench_speed)
+    sv = bsub.add_parser("serve", help="`prlhf serve` tokens/s and latency with 1, 8 and 32 concurrent users vs "
+                                       "plain batched generate; latency and memory with 1,000,000 users")
+    sv.add_argument("--model", default="tiny", help="tiny | smollm2-135m | any hub id or folder (default tiny)")
+    sv.add_argument("--quick", action="store_true", help="fewer rounds and latency samples")
+    sv.add_argument("--out", required=True, help="folder for serve.json and serve.md")
+    sv.add_argument("--threads", type=int, default=2, help="torch CPU threads of the server and of generate")
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--many-users", type=int, default=1_000_000,
+                    help="users in the large low-rank table, compared with 10 (default 1,000,000)")
+    sv.set_defaults(func=cmd_bench_serve)
     pe = bsub.add_parser("persona", help="the paper's baselines on persona-trait users (real statements), splits "
                                          "'pairs' and 'statements'",
                          description="Builds persona-trait users from ../shared/data/anthropic-persona (CC-BY-4.0), "

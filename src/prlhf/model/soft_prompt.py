@@ -31,12 +31,14 @@ class SoftPromptModel(nn.Module):
         return self.user_model.num_tokens
 
     def insert_user_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                           user_idx: torch.Tensor | None):
-        """(S, L) ids -> (S, L + T_u, d) embeddings with the users' soft tokens after the prefix."""
+                           user_idx: torch.Tensor | None, user_model: UserModel | None = None):
+        """(S, L) ids -> (S, L + T_u, d) embeddings with the users' soft tokens after the prefix. `user_model`
+        replaces the model's own (the server passes the user table version a batch started with)."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # (S, L, d)
-        if user_idx is None or self.num_user_tokens == 0:
+        user_model = self.user_model if user_model is None else user_model
+        if user_idx is None or user_model.num_tokens == 0:
             return embeds, attention_mask, labels
-        soft = self.user_model(user_idx).to(embeds.dtype)  # (S, T_u, d)
+        soft = user_model(user_idx).to(embeds.dtype)  # (S, T_u, d)
         s, t, b = input_ids.shape[0], soft.shape[1], self.prefix_len
         embeds = torch.cat([embeds[:, :b], soft, embeds[:, b:]], dim=1)
         ones = attention_mask.new_ones(s, t)

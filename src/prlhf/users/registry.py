@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -78,3 +79,63 @@ class UserRegistry:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "UserRegistry":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class CompactRegistry:
+    """A read-only UserRegistry in three flat arrays: the ids' UTF-8 bytes in sorted order, their offsets, and
+    their indices. The id's length plus 8 bytes per user where a dict takes about 160, which is what lets one
+    server hold a million users in little more memory than their rows; a lookup is a binary search (~20
+    comparisons, a few microseconds)."""
+
+    def __init__(self, user_ids: Sequence[str]):
+        """`user_ids` in index order: user_ids[i] has index i + 1."""
+        encoded = [u.encode() for u in user_ids]
+        order = sorted(range(len(encoded)), key=encoded.__getitem__)
+        lengths = np.fromiter((len(encoded[i]) for i in order), dtype=np.int64, count=len(order))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])  # (N+1,)
+        wide = offsets[-1] >= 2 ** 31 or len(order) >= 2 ** 31
+        self._offsets = offsets.astype(np.int64 if wide else np.int32)
+        self._blob = b"".join(encoded[i] for i in order)
+        self._index = (np.asarray(order, dtype=np.int64) + 1).astype(self._offsets.dtype)  # (N,) in sorted order
+        self._noticed: set[str] = set()
+
+    @classmethod
+    def of(cls, registry: UserRegistry) -> CompactRegistry:
+        return cls(registry.user_ids)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _find(self, user_id: str) -> int:
+        key, lo, hi = user_id.encode(), 0, len(self._index)
+        offsets, blob = self._offsets, self._blob
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if blob[offsets[mid]:offsets[mid + 1]] < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(self._index) and blob[offsets[lo]:offsets[lo + 1]] == key:
+            return int(self._index[lo])
+        return GENERIC_INDEX
+
+    def __contains__(self, user_id: str) -> bool:
+        return self._find(user_id) != GENERIC_INDEX
+
+    def index(self, user_id: str) -> int:
+        return self._find(user_id)
+
+    def indices(self, user_ids: Iterable[str]) -> torch.Tensor:
+        return torch.tensor([self._find(u) for u in user_ids], dtype=torch.long)
+
+    @property
+    def user_ids(self) -> list[str]:
+        """In index order."""
+        ids = [""] * len(self._index)
+        for i, index in enumerate(self._index.tolist()):
+            ids[index - 1] = self._blob[self._offsets[i]:self._offsets[i + 1]].decode()
+        return ids
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._blob) + self._offsets.nbytes + self._index.nbytes
