@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,12 @@ def embedder(exported):
     """PromptEmbedder from the export's own copy of prompt_embeds.py, as a box without prlhf would use it."""
     spec = importlib.util.spec_from_file_location("exported_prompt_embeds", exported / "prompt_embeds.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # no __pycache__ inside the export: test_export_files checks it against its manifest
+    writes, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = writes
     return module.PromptEmbedder(exported)
 
 

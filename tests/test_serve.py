@@ -15,33 +15,19 @@ import openai
 import pytest
 
 from prlhf.cli.main import main
-from prlhf.config import TrainConfig
-from prlhf.data.tasks import build_length_task
 from prlhf.evaluate.generation import generate_texts
 from prlhf.evaluate.scoring import score_responses
 from prlhf.runs.directory import load_run
 from prlhf.serve.app import Limits, PersonalizedServer
-from prlhf.train.loop import train
-from serve_helpers import running
+from serve_helpers import running, train_tiny_runs
 
-# No warm-up: the random-init LM then answers each user's soft tokens differently, which the user tests need.
-TINY = dict(sft_steps=0, epochs=1, max_steps=4, batch_size=4, user_tokens=2, threads=1, seed=0, lora_dropout=0.0)
 USERS = ["user_01", "user_02", "user_03"]
 PROMPTS = ["Summarize: the quiet cat carried a map.", "hello world", "The cat carried"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("serve")
-    task = build_length_task(n_seen_users=3, n_unseen_users=1, n_prompts=40, train_pairs_per_user=12,
-                             test_pairs_per_user=4, seed=0)
-    task.write(root / "data")
-    out = {}
-    for name, extra in {"policy": {}, "reward": {"objective": "rm"}}.items():
-        out[name] = root / name
-        train(TrainConfig(data=str(root / "data" / "train.jsonl"), out=str(out[name]), **(TINY | extra)),
-              show_progress=False)
-    return out
+    return train_tiny_runs(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

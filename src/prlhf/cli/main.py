@@ -1,4 +1,4 @@
-"""`prlhf` command line: train, eval, generate, score, data validate|build, demo, adapt, users, bench."""
+"""`prlhf` command line: train, eval, generate, score, data validate|build, demo, adapt, users, serve, export, bench."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from prlhf.cli.polis_cmds import polis_build_kwargs, refuse_polis_flags
 from prlhf.cli.polis_cmds import register_bench as register_polis_bench
 from prlhf.cli.export_cmd import register as register_export_command
 from prlhf.cli.serve_cmd import register as register_serve_command
+from prlhf.cli.store_cmds import register as register_data_export
 from prlhf.cli.users_cmds import register as register_user_commands
 from prlhf.config import ConfigError, TrainConfig
 
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="random seed of users, profiles and pairs (default 0)")
     add_polis_build_flags(b)
     b.set_defaults(func=cmd_data_build)
+    register_data_export(dsub)
 
     m = sub.add_parser("demo", help="the paper's length experiment on the built-in tiny model, end to end",
                        description="Builds the conflicting-length task, trains vanilla DPO, P-DPO individual and "

@@ -31,6 +31,17 @@ def read_api_keys(path: str) -> list[str]:
     return keys
 
 
+def open_store(url: str):
+    import sqlite3
+
+    from prlhf.data.store import ComparisonStore, StoreError
+
+    try:
+        return ComparisonStore(url)
+    except (StoreError, OSError, sqlite3.Error) as exc:  # e.g. a file that is not a database
+        raise ConfigError(f"serve: --db {url}: {exc}") from None
+
+
 def cmd_serve(args) -> int:
     import torch
 
@@ -45,8 +56,8 @@ def cmd_serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens_cap", "port"):
-        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "port" else 1):
+    for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens_cap", "port", "onboard_after"):
+        if getattr(args, name) is not None and getattr(args, name) < (1 if name.startswith("max") else 0):
             raise ConfigError(f"serve: --{name.replace('_', '-')} must be positive")
     keys = read_api_keys(args.api_key_file) if args.api_key_file else []
     run = load_run(args.run, device=args.device)
@@ -55,10 +66,12 @@ def cmd_serve(args) -> int:
     reward = require_reward_run(load_run(args.reward_run, device=args.device)) if args.reward_run else None
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens or run.config.max_prompt_length,
                     max_tokens=args.max_tokens_cap, request_timeout=args.request_timeout)
+    store = open_store(args.db) if args.db else None
     server = PersonalizedServer(run, args.model_name or Path(args.run).resolve().name, limits, reward=reward,
                                 api_keys=keys, max_batch=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
                                 max_queue=args.max_queue, reload_interval=args.reload_interval or None,
-                                prefix_cache_bytes=int(args.prefix_cache_mb * 2 ** 20))
+                                prefix_cache_bytes=int(args.prefix_cache_mb * 2 ** 20), store=store,
+                                onboard_after=args.onboard_after)
     logging.getLogger("prlhf").setLevel(logging.INFO)
     http = uvicorn.Server(uvicorn.Config(server.app(engine_thread=False), host=args.host, port=args.port,
                                          log_level=args.log_level, access_log=args.access_log))
@@ -76,6 +89,8 @@ def cmd_serve(args) -> int:
           + (" (API key required)" if keys else ""), flush=True)
     server.engine.run(keep_going=thread.is_alive)
     thread.join()
+    if store is not None:
+        store.close()
     if not http.started:
         raise ConfigError(f"serve: could not listen on {args.host}:{args.port} (in use, or not an address of "
                           "this machine)")
@@ -106,6 +121,12 @@ def register(sub) -> None:
                    help="seconds a request may take from arrival to its last token; then 503 (default 60)")
     s.add_argument("--reload-interval", type=float, default=2.0,
                    help="seconds between checks for a new version of the run's user table (0: never)")
+    s.add_argument("--db", metavar="URL",
+                   help="store users' comparisons here (sqlite:///PATH): POST/GET /v1/feedback, and completion "
+                        "requests with \"compare\": true get a pair to compare")
+    s.add_argument("--onboard-after", type=int, default=10, metavar="K",
+                   help="with --db: fit a new user's row (LM frozen, as prlhf adapt) once they have K comparisons, "
+                        "commit it as a new version and serve it (0: never; default 10)")
     s.add_argument("--prefix-cache-mb", type=float, default=256.0,
                    help="memory for the KV of recent users' [BOS] + soft tokens, so their prefill covers the prompt "
                         "only (0: off; default 256)")

@@ -28,11 +28,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from prlhf.data.store import ComparisonStore
 from prlhf.data.tokenize import adds_bos, encode_prompt, prompt_text_with_user
 from prlhf.runs.directory import LoadedRun
 from prlhf.serve.engine import Engine, EngineStopped, QueueFull, Row
+from prlhf.serve.feedback import add_routes as add_feedback_routes
 from prlhf.serve.metrics import Metrics
 from prlhf.serve.protocol import APIError, ChatRequest, Common, CompletionRequest, parse
+from prlhf.serve.refit import Onboarding
 from prlhf.serve.sampling import Sampling, row_generators
 from prlhf.serve.users import ServedUsers, release_freed_memory, watch
 
@@ -62,8 +65,10 @@ class Prepared:
 class PersonalizedServer:
     def __init__(self, run: LoadedRun, model_name: str, limits: Limits = Limits(), reward: LoadedRun | None = None,
                  api_keys: Sequence[str] = (), max_batch: int = 32, batch_wait: float = 0.002,
-                 max_queue: int = 256, reload_interval: float | None = 2.0, prefix_cache_bytes: int = 256 << 20):
+                 max_queue: int = 256, reload_interval: float | None = 2.0, prefix_cache_bytes: int = 256 << 20,
+                 store: ComparisonStore | None = None, onboard_after: int | None = None):
         self.run, self.model_name, self.limits, self.reward = run, model_name, limits, reward
+        self.store = store  # where comparisons go (prlhf serve --db); None: no feedback routes
         self.api_keys = tuple(k.encode() for k in api_keys)
         self.metrics = Metrics()
         self.users = ServedUsers(run.path, run.model.user_model, run.registry,
@@ -75,6 +80,8 @@ class PersonalizedServer:
                              on_batch=self.metrics.observe_batch)
         self.max_batch = max_batch
         self.reload_interval = reload_interval
+        # fit a new user's row once they have `onboard_after` comparisons (prlhf.serve.refit)
+        self.onboarding = Onboarding(self, store, onboard_after) if store is not None and onboard_after else None
         self.bos = adds_bos(run.tokenizer)
         self.created = int(time.time())
         self._reward_lock = asyncio.Lock()
@@ -91,6 +98,8 @@ class PersonalizedServer:
         """Start the reload watcher, and the engine in a thread unless the caller runs `engine.run()` itself."""
         if engine_thread:
             self.engine.start()
+        if self.onboarding is not None:
+            self.onboarding.start()
         if self.reload_interval:
             self._stop_watch = threading.Event()
             watch(self.users, self.reload_interval, self._stop_watch, on_reload=self.metrics.reloads.inc)
@@ -98,6 +107,8 @@ class PersonalizedServer:
     def stop(self) -> None:
         if self._stop_watch is not None:
             self._stop_watch.set()
+        if self.onboarding is not None:
+            self.onboarding.stop()
         self.engine.stop()
 
     # ------------------------------------------------------------------------------------------ the app
@@ -157,6 +168,9 @@ class PersonalizedServer:
             prepared = self.prepare_chat(await self.body(request))
             return await self.answer(prepared, chat=True)
 
+        if self.store is not None:
+            add_feedback_routes(app, self, self.store)
+
         return app
 
     def _prefix_hit_ratio(self) -> float:
@@ -207,6 +221,12 @@ class PersonalizedServer:
             raise APIError(400, f"max_tokens is {max_tokens}, over this server's cap of {self.limits.max_tokens}",
                            param="max_tokens")
         per_prompt = request.n
+        if request.compare:
+            if self.store is None:
+                raise APIError(400, "compare needs a comparison store: start the server with --db", param="compare")
+            if request.user is None or request.stream or request.best_of is not None or request.n != 1:
+                raise APIError(400, "compare takes a user, n = 1 and no stream or best_of", param="compare")
+            return max_tokens, 2
         if request.best_of is not None:
             if self.reward is None:
                 raise APIError(400, "best_of needs a reward model: start the server with --reward-run",
@@ -230,6 +250,8 @@ class PersonalizedServer:
         request = parse(CompletionRequest, body)
         max_tokens, per_prompt = self._common(request, chat=False)
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+        if request.compare and len(prompts) != 1:
+            raise APIError(400, "compare takes one prompt", param="prompt")
         if len(prompts) * per_prompt > self.max_batch:
             raise APIError(400, f"{len(prompts)} prompts x {per_prompt} completions is over the batch size of "
                                 f"{self.max_batch}", param="n")
@@ -298,6 +320,12 @@ class PersonalizedServer:
                 "usage": _usage(rows, prepared), "prlhf": _extension(request, rows)}
         if request.best_of is not None:
             body["prlhf"]["rewards"] = [reward for _, _, reward in choices]
+        if request.compare:
+            sampling = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": prepared.max_tokens,
+                        "seed": request.seed}
+            pair = await asyncio.to_thread(self.store.add_pair, request.user, prepared.prompts[0], rows[0].text,
+                                           rows[1].text, str(self.run.path), rows[0].version, sampling)
+            body["prlhf"]["comparison_id"] = pair.id
         return JSONResponse(body)
 
     async def wait(self, rows: list[Row], events: asyncio.Queue, started: float) -> None:
@@ -378,7 +406,7 @@ class PersonalizedServer:
             self.metrics.unknown_users.inc()
 
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/health", "/metrics")
 
 
 class CountRequests:

@@ -26,6 +26,10 @@ class Metrics:
                                      "(answered with the generic user)", registry=r)
         self.rejected = Counter("prlhf_rejected_requests", "requests refused because the server was full or "
                                 "stopping, or timed out", ["reason"], registry=r)
+        self.feedback = Counter("prlhf_feedback", "comparisons committed to the store, by choice", ["choice"],
+                                registry=r)
+        self.onboarding = Histogram("prlhf_onboarding_seconds", "from queueing a new user's fit to serving their row",
+                                    buckets=LATENCY_BUCKETS, registry=r)
         self.reloads = Counter("prlhf_user_table_reloads", "new user-table versions swapped in", registry=r)
         self.users = Gauge("prlhf_users", "users in the served table", registry=r)
         self.table_bytes = Gauge("prlhf_user_table_bytes", "bytes the served user table takes in memory (rows, "

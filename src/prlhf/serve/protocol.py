@@ -47,6 +47,7 @@ class Common(BaseModel):
     best_of: int | None = Field(None, ge=1, le=32)  # rerank best_of samples with the user's reward model
     ignore_eos: bool = False
     user_text: str | None = None  # the user's own words, for runs trained with user_text
+    compare: bool = False  # answer with two candidates and a comparison_id for POST /v1/feedback (needs --db)
 
     @field_validator("stop")
     @classmethod
@@ -109,7 +110,7 @@ def parse(model: type[BaseModel], body: Any) -> BaseModel:
         param = ".".join(str(p) for p in first["loc"]) or None
         message = first["msg"].removeprefix("Value error, ")
         raise APIError(400, f"{param}: {message}" if param else message, param=param) from None
-    name = request.unsupported()
+    name = request.unsupported() if isinstance(request, Common) else None
     if name:
         raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
     return request

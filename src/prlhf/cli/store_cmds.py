@@ -1,0 +1,66 @@
+"""`prlhf data export --db URL --out FILE.jsonl`: the comparisons `prlhf serve --db` collected, as training records.
+
+`register(data_subparsers)` adds the action to `prlhf data` (prlhf.cli.main).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prlhf.config import ConfigError
+
+
+def cmd_data_export(args) -> int:
+    import sqlite3
+
+    from prlhf.data.store import ComparisonStore, StoreError, sqlite_path
+    from prlhf.safe_io import atomic_write_text
+
+    for out in filter(None, (args.out, args.ties_out)):
+        if Path(out).exists() and not args.overwrite:
+            raise ConfigError(f"data export: {out} already exists (--overwrite replaces it)")
+    try:
+        path = sqlite_path(args.db)
+        if not path.is_file():
+            raise ConfigError(f"data export: {path}: no such database")
+        store = ComparisonStore(args.db)
+    except (StoreError, sqlite3.Error) as exc:
+        raise ConfigError(f"data export: --db {args.db}: {exc}") from None
+    records, ties, counts = [], [], {"pending": 0, "same_text": 0}
+    try:
+        for c in store.all():
+            if c.status != "decided":
+                counts["pending"] += 1
+            elif c.response_a == c.response_b:
+                counts["same_text"] += 1  # not a comparison a loss can learn from
+            elif c.record() is not None:
+                r = c.record()
+                records.append({"user_id": r.user_id, "prompt": r.prompt, "chosen": r.chosen,
+                                "rejected": r.rejected, "comparison_id": c.id})
+            else:
+                ties.append({"user_id": c.user_id, "prompt": c.prompt, "response_a": c.response_a,
+                             "response_b": c.response_b, "choice": c.choice, "comparison_id": c.id})
+    finally:
+        store.close()
+    atomic_write_text(Path(args.out), "".join(json.dumps(r) + "\n" for r in records))
+    if args.ties_out:
+        atomic_write_text(Path(args.ties_out), "".join(json.dumps(t) + "\n" for t in ties))
+    users = len({r["user_id"] for r in records})
+    print(f"exported {len(records)} comparison(s) of {users} user(s) -> {args.out}; left out: {len(ties)} tie or "
+          f"both-bad" + (f" (-> {args.ties_out})" if args.ties_out else "") + f", {counts['pending']} without a "
+          f"choice yet, {counts['same_text']} with the same text twice")
+    return 0
+
+
+def register(dsub) -> None:
+    e = dsub.add_parser("export", help="write the comparisons a `prlhf serve --db` store holds as training records",
+                        description="Write every decided comparison of the store as a (user_id, prompt, chosen, "
+                                    "rejected) JSONL record that `prlhf train` and `prlhf adapt` read. Ties, both-bad "
+                                    "and undecided pairs are left out (--ties-out writes the ties and both-bad ones "
+                                    "to a file of their own, with their choice).")
+    e.add_argument("--db", required=True, help="the store: sqlite:///PATH (as given to prlhf serve --db)")
+    e.add_argument("--out", required=True, help="JSONL file to write")
+    e.add_argument("--ties-out", help="also write ties and both-bad comparisons here (not training records)")
+    e.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    e.set_defaults(func=cmd_data_export)

@@ -1,0 +1,84 @@
+"""Feedback routes of `prlhf serve --db URL`: users' comparisons into the store (prlhf.data.store).
+
+    POST /v1/feedback    {"comparison_id", "choice": "a"|"b"|"tie"|"both_bad"}   the choice for a pair the server
+                         showed (a completion request with "compare": true returns the pair and its id), or
+                         {"user", "prompt", "chosen", "rejected"[, "id"]}            a comparison made elsewhere
+    GET  /v1/feedback?user=U[&limit=N]                                               the user's comparisons
+
+A 200 means the comparison is committed to the database. Writes run on a worker thread, so the event loop keeps
+serving while SQLite syncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from prlhf.data.store import ComparisonStore, StoreError
+from prlhf.serve.protocol import APIError, Message, parse
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    comparison_id: str | None = Field(None, min_length=1, max_length=200)
+    choice: Literal["a", "b", "tie", "both_bad"] | None = None
+    user: str | None = Field(None, min_length=1, max_length=200)
+    prompt: str | list[Message] | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    id: str | None = Field(None, min_length=1, max_length=200)  # idempotency key of a full record
+
+
+def add_routes(app: FastAPI, server, store: ComparisonStore) -> None:
+    """`server` is the PersonalizedServer (for its key check, body reader and metrics)."""
+
+    @app.post("/v1/feedback")
+    async def post_feedback(request: Request):
+        server.authorize(request)
+        body = parse(FeedbackRequest, await server.body(request))
+        try:
+            comparison = await asyncio.to_thread(record, store, body)
+        except StoreError as exc:
+            raise APIError(404 if "no comparison" in str(exc) else 409, str(exc), param="comparison_id") from None
+        server.metrics.feedback.labels(comparison.choice or "none").inc()
+        count = await asyncio.to_thread(store.decided_count, comparison.user_id)
+        answer = {"object": "feedback", "id": comparison.id, "user": comparison.user_id, "choice": comparison.choice,
+                  "status": comparison.status, "user_comparisons": count}
+        if server.onboarding is not None:  # "generic", "fitting" (their row is being fitted) or "active"
+            answer["user_model"] = server.onboarding.notify(comparison.user_id, count)
+        return JSONResponse(answer)
+
+    @app.get("/v1/feedback")
+    async def list_feedback(request: Request, user: str = "", limit: int = 100):
+        server.authorize(request)
+        if not user:
+            raise APIError(400, "user: the query needs ?user=ID", param="user")
+        if not 1 <= limit <= 1000:
+            raise APIError(400, "limit must be between 1 and 1000", param="limit")
+        found = await asyncio.to_thread(store.of_user, user, limit)
+        return JSONResponse({"object": "list", "data": [c.to_dict() for c in found]})
+
+
+def record(store: ComparisonStore, body: FeedbackRequest):
+    """Store what the body says: a choice for a shown pair, or a full comparison."""
+    if body.comparison_id is not None:
+        if body.choice is None or any(v is not None for v in (body.prompt, body.chosen, body.rejected, body.id)):
+            raise APIError(400, "a choice for a shown pair takes comparison_id and choice (and optionally user) "
+                                "only", param="choice")
+        return store.decide(body.comparison_id, body.choice, user_id=body.user)
+    missing = [name for name in ("user", "prompt", "chosen", "rejected") if getattr(body, name) is None]
+    if missing:
+        raise APIError(400, f"{missing[0]}: a full comparison needs user, prompt, chosen and rejected (or send "
+                            "comparison_id and choice)", param=missing[0])
+    if body.choice is not None:
+        raise APIError(400, "choice: a full comparison is chosen over rejected; send no choice", param="choice")
+    if body.chosen == body.rejected:
+        raise APIError(400, "rejected: chosen and rejected are the same text", param="rejected")
+    prompt = body.prompt if isinstance(body.prompt, str) else [{"role": m.role, "content": m.text()}
+                                                                for m in body.prompt]
+    return store.add_record(body.user, prompt, body.chosen, body.rejected, id=body.id)

@@ -1,0 +1,210 @@
+"""Collecting comparisons: the SQLite store (schema, idempotent retries, users' own rows), the feedback routes of
+`prlhf serve --db`, `prlhf data export`, and a server killed with SIGKILL mid-burst losing nothing it acknowledged."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from prlhf.cli.main import main
+from prlhf.data.loading import load_records
+from prlhf.data.store import SCHEMA_VERSION, ComparisonStore, StoreError
+from prlhf.runs.directory import load_run
+from prlhf.serve.app import Limits, PersonalizedServer
+from serve_helpers import free_port, running, train_tiny_runs
+
+
+def test_store_schema_retries_and_users(tmp_path):
+    store = ComparisonStore(f"sqlite:///{tmp_path}/db/feedback.db")
+    assert sqlite3.connect(store.path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    pair = store.add_pair("u1", [{"role": "user", "content": "hi"}], "A", "B", run="r", version="v1",
+                          sampling={"temperature": 1.0})
+    assert store.get(pair.id).status == "pending" and store.get(pair.id).record() is None
+    with pytest.raises(StoreError, match="of user 'u2'"):
+        store.decide(pair.id, "a", user_id="u2")  # not theirs
+    decided = store.decide(pair.id, "b", user_id="u1")
+    assert store.decide(pair.id, "b").decided_at == decided.decided_at  # a retry changes nothing
+    with pytest.raises(StoreError, match="already decided"):
+        store.decide(pair.id, "a")
+    record = store.get(pair.id).record()
+    assert (record.chosen, record.rejected, record.prompt) == ("B", "A", [{"role": "user", "content": "hi"}])
+    first = store.add_record("u2", "p", "yes", "no", id="k1")
+    assert store.add_record("u2", "p", "yes", "no", id="k1") == first  # the same retry: stored once
+    with pytest.raises(StoreError, match="taken"):
+        store.add_record("u2", "p", "other", "no", id="k1")
+    store.add_pair("u2", "p", "x", "y")
+    assert [c.id for c in store.of_user("u2")][-1] == "k1" and store.decided_count("u2") == 1
+    assert store.delete_user("u2") == 2 and store.of_user("u2") == [] and store.decided_count("u1") == 1
+    store.close()
+    again = ComparisonStore(str(tmp_path / "db" / "feedback.db"))  # reopening migrates nothing
+    assert [c.id for c in again.all()] == [pair.id]
+    again._db.execute("PRAGMA user_version = 99")
+    again.close()
+    with pytest.raises(StoreError, match="newer"):
+        ComparisonStore(str(tmp_path / "db" / "feedback.db"))
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    return train_tiny_runs(tmp_path_factory.mktemp("feedback"), names=("policy",))["policy"]
+
+
+def test_pairs_choices_full_records_and_export(policy_dir, tmp_path, capsys):
+    store = ComparisonStore(f"sqlite:///{tmp_path}/feedback.db")
+    server = PersonalizedServer(load_run(policy_dir), "tiny", Limits(max_prompt_tokens=64, max_tokens=16),
+                                reload_interval=None, store=store)
+    with running(server) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        pair = client.completions.create(model="tiny", prompt="Summarize: the cat", user="user_01", max_tokens=8,
+                                         seed=1, extra_body={"compare": True})
+        assert len(pair.choices) == 2
+        cid = pair.model_extra["prlhf"]["comparison_id"]
+        http = httpx.Client(base_url=url)
+        answer = http.post("/v1/feedback", json={"comparison_id": cid, "choice": "b", "user": "user_01"})
+        assert answer.status_code == 200 and answer.json()["user_comparisons"] == 1
+        assert http.post("/v1/feedback", json={"comparison_id": cid, "choice": "a"}).status_code == 409
+        assert http.post("/v1/feedback", json={"comparison_id": "nope", "choice": "a"}).status_code == 404
+        full = {"user": "newcomer", "prompt": "Write a note.", "chosen": "Dear team, ...", "rejected": "hey",
+                "id": "client-key-1"}
+        assert http.post("/v1/feedback", json=full).json()["user_comparisons"] == 1
+        assert http.post("/v1/feedback", json=full).json()["user_comparisons"] == 1  # retried: stored once
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              user="newcomer", max_tokens=8, extra_body={"compare": True})
+        http.post("/v1/feedback", json={"comparison_id": chat.model_extra["prlhf"]["comparison_id"],
+                                        "choice": "tie"})
+        for bad, status in [({"choice": "a"}, 400), ({"comparison_id": cid, "choice": "best"}, 400),
+                            ({"user": "u", "prompt": "p", "chosen": "x"}, 400),
+                            ({"user": "u", "prompt": "p", "chosen": "x", "rejected": "x"}, 400),
+                            ({"comparison_id": cid, "choice": "a", "extra": 1}, 400)]:
+            response = http.post("/v1/feedback", json=bad)
+            assert response.status_code == status and "error" in response.json(), (bad, response.text)
+        listed = http.get("/v1/feedback", params={"user": "user_01"}).json()["data"]
+        assert [(c["id"], c["choice"], c["response_b"]) for c in listed] == [(cid, "b", pair.choices[1].text)]
+        assert listed[0]["version"] == "v1" and listed[0]["sampling"]["seed"] == 1
+        assert http.get("/v1/feedback").status_code == 400
+    store.close()
+    out = tmp_path / "collected.jsonl"
+    argv = ["data", "export", "--db", f"sqlite:///{tmp_path}/feedback.db", "--out", str(out),
+            "--ties-out", str(tmp_path / "ties.jsonl")]
+    assert main(argv) == 0
+    assert "left out: 1 tie or both-bad" in capsys.readouterr().out
+    records = load_records(out)  # what prlhf train and prlhf adapt read
+    chosen = {r.user_id: (r.chosen, r.rejected) for r in records}
+    assert chosen == {"user_01": (pair.choices[1].text, pair.choices[0].text), "newcomer": ("Dear team, ...", "hey")}
+    assert json.loads((tmp_path / "ties.jsonl").read_text())["choice"] == "tie"
+    assert main(argv) == 2  # refuses to overwrite
+    assert main(["data", "export", "--db", "postgresql://x/y", "--out", str(tmp_path / "o.jsonl")]) == 2
+
+
+def test_feedback_needs_the_store(policy_dir):
+    server = PersonalizedServer(load_run(policy_dir), "tiny", reload_interval=None)
+    with running(server) as url:
+        assert httpx.post(f"{url}/v1/feedback", json={"comparison_id": "x", "choice": "a"}).status_code == 404
+        response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "user": "u",
+                                                             "compare": True})
+        assert response.status_code == 400 and "--db" in response.json()["error"]["message"]
+
+
+def test_a_killed_server_keeps_every_acknowledged_comparison_once(policy_dir, tmp_path):
+    """8 clients write 1,000 comparisons; the server is SIGKILLed mid-burst, restarted, and asked for them."""
+    db = f"sqlite:///{tmp_path}/feedback.db"
+
+    def start():
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "prlhf", "serve", "--run", str(policy_dir), "--db", db,
+                                 "--port", str(port), "--threads", "1", "--log-level", "warning"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return proc, port
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+    proc, port = start()
+    acknowledged, lock, kill_at = [], threading.Lock(), 300
+
+    def client(worker: int) -> int:
+        sent = 0
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for i in range(125):
+            key = f"w{worker}-{i}"
+            body = json.dumps({"user": f"writer-{worker}", "prompt": f"prompt {i}", "chosen": f"yes {i}",
+                               "rejected": f"no {i}", "id": key})
+            try:
+                connection.request("POST", "/v1/feedback", body=body, headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
+                return sent  # the server is gone
+            sent += 1
+            if response.status == 200:
+                with lock:
+                    acknowledged.append(key)
+                    if len(acknowledged) == kill_at:
+                        os.kill(proc.pid, signal.SIGKILL)
+        return sent
+
+    with ThreadPoolExecutor(8) as pool:
+        sent = sum(pool.map(client, range(8)))
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL and kill_at <= len(acknowledged) < 1000 and sent <= 1000
+    proc, port = start()  # the database after a kill: WAL recovery on open
+    try:
+        stored = []
+        for worker in range(8):
+            rows = httpx.get(f"http://127.0.0.1:{port}/v1/feedback",
+                             params={"user": f"writer-{worker}", "limit": 1000}).json()["data"]
+            stored += [row["id"] for row in rows]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert set(acknowledged) <= set(stored)  # nothing acknowledged is lost
+    assert len(stored) == len(set(stored))   # nothing is there twice
+    assert len(stored) - len(acknowledged) <= 8  # at most the writes in flight when it died (committed, unanswered)
+
+
+def test_a_new_user_is_onboarded_live_after_k_comparisons(policy_dir, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(policy_dir, run_dir)
+    store = ComparisonStore(f"sqlite:///{tmp_path}/feedback.db")
+    server = PersonalizedServer(load_run(run_dir), "tiny", Limits(max_prompt_tokens=64, max_tokens=16),
+                                reload_interval=None, store=store, onboard_after=3)
+    records = load_records(policy_dir.parent / "data" / "test.jsonl")
+    mine = [r for r in records if r.user_id == records[0].user_id][:3]
+    with running(server) as url:
+        http = httpx.Client(base_url=url)
+        generic = http.post("/v1/completions", json={"model": "tiny", "prompt": mine[0].prompt, "user": "newcomer",
+                                                     "max_tokens": 12, "temperature": 0}).json()
+        states = [http.post("/v1/feedback", json={"user": "newcomer", "prompt": r.prompt, "chosen": r.chosen,
+                                                  "rejected": r.rejected}).json()["user_model"] for r in mine]
+        assert states == ["generic", "generic", "fitting"]
+        deadline = time.monotonic() + 60
+        while server.onboarding.status("newcomer") != "active":
+            assert time.monotonic() < deadline, "not onboarded within 60 s"
+            time.sleep(0.1)
+        own = http.post("/v1/completions", json={"model": "tiny", "prompt": mine[0].prompt, "user": "newcomer",
+                                                 "max_tokens": 12, "temperature": 0}).json()
+    store.close()
+    assert generic["prlhf"]["user_known"] is False and own["prlhf"] == {"user": "newcomer", "user_known": True,
+                                                                       "version": "v2"}
+    assert server.onboarding.fitted["newcomer"]["pairs"] == 3
+    table = load_run(run_dir)  # committed: the run's current version holds the new user
+    assert "newcomer" in table.registry and json.loads((run_dir / "run.json").read_text())["version"] == "v2"
