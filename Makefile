@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-quick test test-fast lock clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo demo-quick test test-fast lock clean browser
 
 # constraints.txt pins every other package to the versions the tests last passed with (`make lock` rewrites it):
 # transformers' behaviour changes between minor versions (it read SmolLM2's GGUF EOS wrong in 5.17).
@@ -24,8 +26,16 @@ demo: $(BIN)/.installed
 demo-quick: $(BIN)/.installed
 	$(BIN)/prlhf demo --quick --out demo_out
 
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# The browser test (tests/test_browser.py) drives Debian's Chromium through its own chromedriver; make test installs
+# them when missing and makes that test fail, not skip, without them.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver for the browser test"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends chromium chromium-driver >/dev/null; }
+
+test: $(BIN)/.installed browser
+	PRLHF_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -1,13 +1,8 @@
-"""A prlhf server on a free 127.0.0.1 port for the duration of a test (uvicorn in a thread)."""
+"""Tiny runs for the serving tests, and a server on a free 127.0.0.1 port for the duration of a test."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
-
-import uvicorn
+from prlhf.serve.background import free_port, serving as running  # noqa: F401  (the tests' names)
 
 # No warm-up: the random-init LM then answers each user's soft tokens differently, which the user tests need.
 TINY = dict(sft_steps=0, epochs=1, max_steps=4, batch_size=4, user_tokens=2, threads=1, seed=0, lora_dropout=0.0)
@@ -29,29 +24,3 @@ def train_tiny_runs(root, names=("policy", "reward")) -> dict:
         train(TrainConfig(data=str(root / "data" / "train.jsonl"), out=str(out[name]), **(TINY | extra)),
               show_progress=False)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(server, port: int | None = None):
-    """Start `server.app()` on 127.0.0.1 and yield its base URL; stop it (and its engine) afterwards."""
-    port = port or free_port()
-    config = uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(30)

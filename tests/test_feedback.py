@@ -208,3 +208,68 @@ def test_a_new_user_is_onboarded_live_after_k_comparisons(policy_dir, tmp_path):
     assert server.onboarding.fitted["newcomer"]["pairs"] == 3
     table = load_run(run_dir)  # committed: the run's current version holds the new user
     assert "newcomer" in table.registry and json.loads((run_dir / "run.json").read_text())["version"] == "v2"
+
+
+def test_tokens_act_as_their_user_only_and_admin_calls_need_the_key(policy_dir, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(policy_dir, run_dir)
+    store = ComparisonStore(f"sqlite:///{tmp_path}/feedback.db")
+    server = PersonalizedServer(load_run(run_dir), "tiny", Limits(max_prompt_tokens=64, max_tokens=16),
+                                reload_interval=None, store=store, api_keys=["sk-admin"], onboard_after=2)
+    admin = {"Authorization": "Bearer sk-admin"}
+    with running(server) as url:
+        http = httpx.Client(base_url=url)
+        assert http.post("/v1/admin/invite", json={"user": "ann"}).status_code == 401  # no key
+        ann = http.post("/v1/admin/invite", json={"user": "ann"}, headers=admin).json()
+        bob = http.post("/v1/admin/invite", json={"user": "bob"}, headers=admin).json()
+        as_ann = {"Authorization": f"Bearer {ann['token']}"}
+        assert ann["link"] == f"/ui?token={ann['token']}" and "Which answer" in http.get(ann["link"]).text
+        # a token acts as its own user: the body's user is filled in, another user's is refused
+        pair = http.post("/v1/completions", headers=as_ann, json={"model": "tiny", "prompt": "Summarize: x",
+                                                                   "max_tokens": 6, "compare": True}).json()
+        assert pair["prlhf"]["user"] == "ann" and pair["prlhf"]["shown_left"] in ("a", "b")
+        for method, path, body in [("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "user": "bob"}),
+                                   ("POST", "/v1/feedback", {"user": "bob", "prompt": "p", "chosen": "c",
+                                                             "rejected": "r"}),
+                                   ("GET", "/v1/feedback?user=bob", None), ("GET", "/v1/me?user=bob", None),
+                                   ("POST", "/v1/admin/invite", {"user": "eve"}),
+                                   ("DELETE", "/v1/admin/users/bob", None)]:
+            response = http.request(method, path, json=body, headers=as_ann)
+            assert response.status_code == 403 and response.json()["error"]["code"] == "forbidden", (path, body)
+        with_bobs = {"Authorization": f"Bearer {bob['token']}"}  # bob cannot decide ann's pair
+        decided = http.post("/v1/feedback", headers=with_bobs,
+                            json={"comparison_id": pair["prlhf"]["comparison_id"], "choice": "a"})
+        assert decided.status_code == 404
+        assert http.post("/v1/feedback", headers=as_ann,
+                         json={"comparison_id": pair["prlhf"]["comparison_id"], "choice": "a"}).status_code == 200
+        http.post("/v1/feedback", headers=as_ann, json={"prompt": "Write.", "chosen": "Dear all", "rejected": "yo"})
+        assert http.get("/v1/me", headers=as_ann).json()["comparisons"] == 2
+        deadline = time.monotonic() + 60
+        while "ann" not in server.users.snapshot().registry:  # onboarded after 2
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert http.get("/v1/feedback", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        # forgetting ann: her row, comparisons and token go; the export keeps none of hers
+        gone = http.delete("/v1/admin/users/ann?export=true", headers=admin).json()
+        assert gone["table_row_deleted"] is True and gone["comparisons_deleted"] == 2 and len(gone["export"]) == 2
+        assert http.get("/v1/me", headers=as_ann).status_code == 401  # her token no longer exists
+        after = http.post("/v1/completions", headers=admin, json={"model": "tiny", "prompt": "x", "user": "ann"})
+        assert after.json()["prlhf"]["user_known"] is False
+    store.close()
+    db = sqlite3.connect(tmp_path / "feedback.db")
+    assert db.execute("SELECT COUNT(*) FROM comparisons WHERE user_id = 'ann'").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM tokens WHERE user_id = 'ann'").fetchone()[0] == 0
+    assert "ann" not in load_run(run_dir).registry
+    assert main(["data", "export", "--db", str(tmp_path / "feedback.db"), "--out", str(tmp_path / "x.jsonl")]) == 0
+    assert "ann" not in (tmp_path / "x.jsonl").read_text()
+
+
+def test_invite_command_prints_a_working_token(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path}/feedback.db"
+    assert main(["serve", "invite", "carol", "--db", db]) == 0
+    token = capsys.readouterr().out.split("(shown once): ")[1].split()[0]
+    store = ComparisonStore(db)
+    assert store.user_of_token(token) == "carol" and store.user_of_token(token + "x") is None
+    assert main(["serve", "invite", "--db", db]) == 2 and main(["serve", "invite", "dave"]) == 2

@@ -16,7 +16,6 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 
 from prlhf.bench.machine import machine_summary
 from prlhf.safe_io import atomic_write_json, atomic_write_text, results_folder
+from prlhf.serve.background import free_port
 
 OUTPUTS = ("serve.json", "serve.md")
 CLIENTS = (1, 8, 32)
@@ -88,12 +88,6 @@ def table_bytes(version: Path) -> int:
 
 
 MODEL_NAME = "served"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -42,7 +42,26 @@ def open_store(url: str):
         raise ConfigError(f"serve: --db {url}: {exc}") from None
 
 
+def cmd_invite(args) -> int:
+    """`prlhf serve invite USER --db URL`: a personal token (and the page's link) for USER."""
+    if len(args.invite) != 2 or args.invite[0] != "invite":
+        raise ConfigError("serve: the only action is `prlhf serve invite USER --db URL`")
+    if not args.db:
+        raise ConfigError("serve invite: --db URL is required (the store the server uses)")
+    store = open_store(args.db)
+    try:
+        token = store.invite(args.invite[1])
+    finally:
+        store.close()
+    print(f"token for {args.invite[1]!r} (shown once): {token}\npage: http://{args.host}:{args.port}/ui?token={token}")
+    return 0
+
+
 def cmd_serve(args) -> int:
+    if args.invite:
+        return cmd_invite(args)
+    if not args.run:
+        raise ConfigError("serve: --run RUN is required")
     import torch
 
     try:
@@ -100,7 +119,10 @@ def cmd_serve(args) -> int:
 def register(sub) -> None:
     s = sub.add_parser("serve", help="serve a run over OpenAI's API, each request with its user's soft tokens",
                        description=DESCRIPTION)
-    s.add_argument("--run", required=True, help="policy run directory written by `prlhf train`")
+    s.add_argument("invite", nargs="*", metavar="invite USER",
+                   help="`prlhf serve invite USER --db URL` prints a personal token and page link for USER instead "
+                        "of serving")
+    s.add_argument("--run", help="policy run directory written by `prlhf train` (required to serve)")
     s.add_argument("--reward-run", metavar="RM_RUN",
                    help="a reward-model run (--objective rm): requests may then ask for best_of samples reranked "
                         "by their user's reward")

@@ -4,14 +4,18 @@ install; `sqlite:///PATH` or a plain path).
 One row per comparison, after the conventions of Argilla and Chatbot Arena: its id, the user, the prompt (text or
 chat messages, as JSON), both responses, which was shown on the left, the choice (a, b, tie, both_bad; empty
 while pending), the run and user-table version that produced the responses, the sampling settings, timestamps
-and a status. A write is acknowledged only after its transaction commits (WAL journal, synchronous=FULL), so a
-killed server loses nothing it acknowledged; a retried write with the same id is not stored twice. The schema is
-created and migrated by `migrate()`, versioned in `PRAGMA user_version`.
+and a status. Beside them, the personal tokens users reach the server with (only their sha256).
+
+A write is acknowledged only after its transaction commits (WAL journal, synchronous=FULL), so a killed server
+loses nothing it acknowledged; a retried write with the same id is not stored twice. The schema is created and
+migrated by `migrate()`, versioned in `PRAGMA user_version`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -23,7 +27,7 @@ from pathlib import Path
 from prlhf.data.schema import PreferenceRecord
 
 CHOICES = ("a", "b", "tie", "both_bad")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {  # version -> the statements that bring the schema from version - 1 to it
     1: ["""CREATE TABLE comparisons (
              id TEXT PRIMARY KEY,
@@ -40,6 +44,9 @@ MIGRATIONS = {  # version -> the statements that bring the schema from version -
              decided_at REAL,
              status TEXT NOT NULL CHECK (status IN ('pending', 'decided')))""",
         "CREATE INDEX comparisons_by_user ON comparisons (user_id, status, created_at)"],
+    # personal links: a token stands for one user; only its sha256 is stored
+    2: ["CREATE TABLE tokens (token_sha256 TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at REAL NOT NULL)",
+        "CREATE INDEX tokens_by_user ON tokens (user_id)"],
 }
 FIELDS = ("id", "user_id", "prompt", "response_a", "response_b", "shown_left", "choice", "run", "version",
           "sampling", "created_at", "decided_at", "status")
@@ -161,8 +168,23 @@ class ComparisonStore:
         return c
 
     def delete_user(self, user_id: str) -> int:
+        """Remove the user's comparisons and tokens; returns how many comparisons there were."""
         with self._lock, self._transaction():
+            self._db.execute("DELETE FROM tokens WHERE user_id = ?", (user_id,))
             return self._db.execute("DELETE FROM comparisons WHERE user_id = ?", (user_id,)).rowcount
+
+    def invite(self, user_id: str) -> str:
+        """A new personal token for `user_id` (shown once; the store keeps its sha256)."""
+        token = secrets.token_urlsafe(24)
+        with self._lock, self._transaction():
+            self._db.execute("INSERT INTO tokens (token_sha256, user_id, created_at) VALUES (?, ?, ?)",
+                             (_sha256(token), user_id, time.time()))
+        return token
+
+    def user_of_token(self, token: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT user_id FROM tokens WHERE token_sha256 = ?", (_sha256(token),)).fetchone()
+        return None if row is None else row[0]
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -186,6 +208,12 @@ class ComparisonStore:
             return self._db.execute("SELECT COUNT(*) FROM comparisons WHERE user_id = ? AND status = 'decided'",
                                     (user_id,)).fetchone()[0]
 
+    def preference_count(self, user_id: str) -> int:
+        """Decided comparisons with a winner (a or b): the ones that make training records."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM comparisons WHERE user_id = ? AND choice IN ('a', 'b')",
+                                    (user_id,)).fetchone()[0]
+
     def all(self) -> Iterator[Comparison]:
         """Every comparison, oldest first."""
         with self._lock:
@@ -206,6 +234,10 @@ class _Transaction:
     def __exit__(self, kind, *_):
         self.db.execute("COMMIT" if kind is None else "ROLLBACK")
         return False
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _row(c: Comparison) -> tuple:

@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -31,7 +32,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prlhf.data.store import ComparisonStore
 from prlhf.data.tokenize import adds_bos, encode_prompt, prompt_text_with_user
 from prlhf.runs.directory import LoadedRun
+from prlhf.serve.auth import Caller, act_as
 from prlhf.serve.engine import Engine, EngineStopped, QueueFull, Row
+from prlhf.serve.feedback import add_admin_routes
 from prlhf.serve.feedback import add_routes as add_feedback_routes
 from prlhf.serve.metrics import Metrics
 from prlhf.serve.protocol import APIError, ChatRequest, Common, CompletionRequest, parse
@@ -158,18 +161,19 @@ class PersonalizedServer:
 
         @app.post("/v1/completions")
         async def completions(request: Request):
-            self.authorize(request)
-            prepared = self.prepare_completion(await self.body(request))
+            caller = self.authorize(request)
+            prepared = self.prepare_completion(await self.body(request), caller)
             return await self.answer(prepared, chat=False)
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request):
-            self.authorize(request)
-            prepared = self.prepare_chat(await self.body(request))
+            caller = self.authorize(request)
+            prepared = self.prepare_chat(await self.body(request), caller)
             return await self.answer(prepared, chat=True)
 
         if self.store is not None:
             add_feedback_routes(app, self, self.store)
+            add_admin_routes(app, self, self.store)
 
         return app
 
@@ -178,21 +182,51 @@ class PersonalizedServer:
         rows = cache.hits + cache.misses if cache else 0
         return cache.hits / rows if rows else 0.0
 
+    def forget_user(self, user_id: str) -> bool:
+        """Delete the user's row from the served run (a new version, swapped in); False when it has none."""
+        from prlhf.runs.users import delete_user
+
+        if user_id not in self.users.snapshot().registry:
+            return False
+        if not self.users.follows:
+            raise APIError(409, "this server serves a fixed version (RUN/versions/vN): delete the user with "
+                                "`prlhf users delete` on the run", code="conflict")
+        if self.onboarding is not None:
+            self.onboarding.forget(user_id)
+        delete_user(self.users.root, user_id)
+        self.users.reload_if_changed()
+        return True
+
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "prlhf"}
 
     # ------------------------------------------------------------------------------------------ checks
 
-    def authorize(self, request: Request) -> None:
-        if not self.api_keys:
-            return
+    def authorize(self, request: Request) -> Caller:
+        """Who is asking: an API key holder (any user, and admin calls), a personal token's user (that user
+        only), or, on a server without keys, anyone (clients send some bearer value anyway). With keys, a bearer
+        value that is neither a key nor a token gets a 401."""
         header = request.headers.get("authorization", "")
-        given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
         ok = False
         for key in self.api_keys:  # every key compared, in constant time: no early exit
-            ok |= hmac.compare_digest(given, key)
-        if not ok:
-            raise APIError(401, "missing or invalid API key: send Authorization: Bearer KEY", code="invalid_api_key")
+            ok |= hmac.compare_digest(given.encode(), key)
+        if ok:
+            return Caller(None, admin=True)
+        if given and self.store is not None:
+            user = self.store.user_of_token(given)
+            if user is not None:
+                return Caller(user, admin=False)
+        if not self.api_keys:
+            return Caller(None, admin=False)
+        raise APIError(401, "missing or invalid API key or token: send Authorization: Bearer KEY",
+                       code="invalid_api_key")
+
+    def require_admin(self, caller: Caller) -> None:
+        if not self.api_keys:
+            raise APIError(403, "admin calls need a server started with --api-key-file", code="forbidden")
+        if not caller.admin:
+            raise APIError(403, "this call needs an API key, not a user's token", code="forbidden")
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -246,8 +280,9 @@ class PersonalizedServer:
                                 f"{self.limits.max_prompt_tokens}", param=param, code="context_length_exceeded")
         return ids
 
-    def prepare_completion(self, body) -> Prepared:
+    def prepare_completion(self, body, caller: Caller = Caller(None, True)) -> Prepared:
         request = parse(CompletionRequest, body)
+        request.user = act_as(caller, request.user)
         max_tokens, per_prompt = self._common(request, chat=False)
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if request.compare and len(prompts) != 1:
@@ -258,8 +293,9 @@ class PersonalizedServer:
         ids = [self._encode(p, request, "prompt") for p in prompts]
         return Prepared(request, prompts, ids, max_tokens, per_prompt)
 
-    def prepare_chat(self, body) -> Prepared:
+    def prepare_chat(self, body, caller: Caller = Caller(None, True)) -> Prepared:
         request = parse(ChatRequest, body)
+        request.user = act_as(caller, request.user)
         max_tokens, per_prompt = self._common(request, chat=True)
         if per_prompt > self.max_batch:
             raise APIError(400, f"{per_prompt} completions is over the batch size of {self.max_batch}", param="n")
@@ -323,9 +359,11 @@ class PersonalizedServer:
         if request.compare:
             sampling = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": prepared.max_tokens,
                         "seed": request.seed}
+            shown_left = secrets.choice("ab")  # the page shows them in this order: position bias averages out
             pair = await asyncio.to_thread(self.store.add_pair, request.user, prepared.prompts[0], rows[0].text,
-                                           rows[1].text, str(self.run.path), rows[0].version, sampling)
-            body["prlhf"]["comparison_id"] = pair.id
+                                           rows[1].text, str(self.run.path), rows[0].version, sampling,
+                                           shown_left=shown_left)
+            body["prlhf"].update(comparison_id=pair.id, shown_left=shown_left)
         return JSONResponse(body)
 
     async def wait(self, rows: list[Row], events: asyncio.Queue, started: float) -> None:
@@ -406,7 +444,8 @@ class PersonalizedServer:
             self.metrics.unknown_users.inc()
 
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/v1/me", "/ui", "/health",
+          "/metrics")
 
 
 class CountRequests:

@@ -4,6 +4,9 @@
                          showed (a completion request with "compare": true returns the pair and its id), or
                          {"user", "prompt", "chosen", "rejected"[, "id"]}            a comparison made elsewhere
     GET  /v1/feedback?user=U[&limit=N]                                               the user's comparisons
+    GET  /v1/me                      the token's user: comparisons so far, and whether their own row is served
+    GET  /ui?token=TOKEN             the comparison page (prlhf.serve.page)
+    POST /v1/admin/invite {"user"}   a personal token (API key needed); DELETE /v1/admin/users/U forgets U
 
 A 200 means the comparison is committed to the database. Writes run on a worker thread, so the event loop keeps
 serving while SQLite syncs.
@@ -15,10 +18,12 @@ import asyncio
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from prlhf.data.store import ComparisonStore, StoreError
+from prlhf.serve.auth import act_as
+from prlhf.serve.page import PAGE
 from prlhf.serve.protocol import APIError, Message, parse
 
 
@@ -39,8 +44,9 @@ def add_routes(app: FastAPI, server, store: ComparisonStore) -> None:
 
     @app.post("/v1/feedback")
     async def post_feedback(request: Request):
-        server.authorize(request)
+        caller = server.authorize(request)
         body = parse(FeedbackRequest, await server.body(request))
+        body.user = act_as(caller, body.user)
         try:
             comparison = await asyncio.to_thread(record, store, body)
         except StoreError as exc:
@@ -50,18 +56,61 @@ def add_routes(app: FastAPI, server, store: ComparisonStore) -> None:
         answer = {"object": "feedback", "id": comparison.id, "user": comparison.user_id, "choice": comparison.choice,
                   "status": comparison.status, "user_comparisons": count}
         if server.onboarding is not None:  # "generic", "fitting" (their row is being fitted) or "active"
-            answer["user_model"] = server.onboarding.notify(comparison.user_id, count)
+            usable = await asyncio.to_thread(store.preference_count, comparison.user_id)  # ties teach nothing
+            answer["user_model"] = server.onboarding.notify(comparison.user_id, usable)
         return JSONResponse(answer)
+
+    @app.get("/ui")
+    async def page():
+        return HTMLResponse(PAGE)  # holds no data: everything it shows comes through the token's own calls
+
+    @app.get("/v1/me")
+    async def me(request: Request, user: str = ""):
+        user = act_as(server.authorize(request), user or None)
+        if not user:
+            raise APIError(400, "user: the query needs ?user=ID (a personal token gives it)", param="user")
+        count = await asyncio.to_thread(store.decided_count, user)
+        state = server.onboarding.status(user) if server.onboarding is not None else (
+            "active" if user in server.users.snapshot().registry else "generic")
+        return JSONResponse({"user": user, "comparisons": count, "user_model": state,
+                             "max_tokens": server.limits.max_tokens})
 
     @app.get("/v1/feedback")
     async def list_feedback(request: Request, user: str = "", limit: int = 100):
-        server.authorize(request)
+        user = act_as(server.authorize(request), user or None) or ""
         if not user:
             raise APIError(400, "user: the query needs ?user=ID", param="user")
         if not 1 <= limit <= 1000:
             raise APIError(400, "limit must be between 1 and 1000", param="limit")
         found = await asyncio.to_thread(store.of_user, user, limit)
         return JSONResponse({"object": "list", "data": [c.to_dict() for c in found]})
+
+
+class InviteRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    user: str = Field(min_length=1, max_length=200)
+
+
+def add_admin_routes(app: FastAPI, server, store: ComparisonStore) -> None:
+    """Admin calls (an API key, never a user's token): personal links, and forgetting a user."""
+
+    @app.post("/v1/admin/invite")
+    async def invite(request: Request):
+        server.require_admin(server.authorize(request))
+        body = parse(InviteRequest, await server.body(request))
+        token = await asyncio.to_thread(store.invite, body.user)
+        return JSONResponse({"user": body.user, "token": token, "link": f"/ui?token={token}"})
+
+    @app.delete("/v1/admin/users/{user_id:path}")
+    async def delete_user(user_id: str, request: Request, export: bool = False):
+        """Remove the user's row from the served table (a new version: they get the generic user from then on),
+        then their comparisons and tokens; `?export=true` returns the comparisons first."""
+        server.require_admin(server.authorize(request))
+        saved = [c.to_dict() for c in await asyncio.to_thread(store.of_user, user_id, 10 ** 9)] if export else None
+        row = await asyncio.to_thread(server.forget_user, user_id)
+        removed = await asyncio.to_thread(store.delete_user, user_id)
+        return JSONResponse({"user": user_id, "table_row_deleted": row, "comparisons_deleted": removed,
+                             "export": saved})
 
 
 def record(store: ComparisonStore, body: FeedbackRequest):
