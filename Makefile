@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo demo-quick test test-fast lock clean browser
+.PHONY: demo demo-quick test test-fast lock clean system-packages
 
 # constraints.txt pins every other package to the versions the tests last passed with (`make lock` rewrites it):
 # transformers' behaviour changes between minor versions (it read SmolLM2's GGUF EOS wrong in 5.17).
@@ -26,16 +26,18 @@ demo: $(BIN)/.installed
 demo-quick: $(BIN)/.installed
 	$(BIN)/prlhf demo --quick --out demo_out
 
-# The browser test (tests/test_browser.py) drives Debian's Chromium through its own chromedriver; make test installs
-# them when missing and makes that test fail, not skip, without them.
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
-	  echo "installing chromium and chromium-driver for the browser test"; \
+# Real components the tests start: Debian's Chromium with its chromedriver (tests/test_browser.py) and PostgreSQL
+# (the PostgreSQL store, tests/test_feedback.py). make test installs them with apt when missing and makes those
+# tests fail, not skip, without them.
+system-packages:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing chromium, chromium-driver and postgresql for the tests"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    --no-install-recommends chromium chromium-driver >/dev/null; }
+	    --no-install-recommends chromium chromium-driver postgresql >/dev/null; }
 
-test: $(BIN)/.installed browser
-	PRLHF_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: $(BIN)/.installed system-packages
+	PRLHF_REQUIRE_BROWSER=1 PRLHF_REQUIRE_POSTGRES=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

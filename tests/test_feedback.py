@@ -18,18 +18,47 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+import torch
 
 from prlhf.cli.main import main
 from prlhf.data.loading import load_records
 from prlhf.data.store import SCHEMA_VERSION, ComparisonStore, StoreError
 from prlhf.runs.directory import load_run
 from prlhf.serve.app import Limits, PersonalizedServer
+from postgres_helpers import postgres_bin, postgres_server
 from serve_helpers import free_port, running, train_tiny_runs
 
 
-def test_store_schema_retries_and_users(tmp_path):
-    store = ComparisonStore(f"sqlite:///{tmp_path}/db/feedback.db")
-    assert sqlite3.connect(store.path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A PostgreSQL server started for these tests (`make test` installs the server and requires this)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        psycopg = None
+    if (postgres_bin() is None or psycopg is None) and not os.environ.get("PRLHF_REQUIRE_POSTGRES"):
+        pytest.skip("PostgreSQL or psycopg is not installed (`make test` installs both)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh store URL of each backend (a new database per test on the shared PostgreSQL server)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/db/feedback.db"
+    import psycopg
+
+    base = request.getfixturevalue("postgres_url")
+    name = f"t_{os.getpid()}_{time.monotonic_ns()}"
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return base.rsplit("/", 1)[0] + "/" + name
+
+
+def test_store_schema_retries_and_users(db_url):
+    store = ComparisonStore(db_url)
+    assert store.backend.version() == SCHEMA_VERSION
     pair = store.add_pair("u1", [{"role": "user", "content": "hi"}], "A", "B", run="r", version="v1",
                           sampling={"temperature": 1.0})
     assert store.get(pair.id).status == "pending" and store.get(pair.id).record() is None
@@ -47,14 +76,33 @@ def test_store_schema_retries_and_users(tmp_path):
         store.add_record("u2", "p", "other", "no", id="k1")
     store.add_pair("u2", "p", "x", "y")
     assert [c.id for c in store.of_user("u2")][-1] == "k1" and store.decided_count("u2") == 1
+    token = store.invite("u1")
+    assert store.user_of_token(token) == "u1" and store.user_of_token("nope") is None
     assert store.delete_user("u2") == 2 and store.of_user("u2") == [] and store.decided_count("u1") == 1
     store.close()
-    again = ComparisonStore(str(tmp_path / "db" / "feedback.db"))  # reopening migrates nothing
-    assert [c.id for c in again.all()] == [pair.id]
-    again._db.execute("PRAGMA user_version = 99")
+    again = ComparisonStore(db_url)  # reopening migrates nothing
+    assert [c.id for c in again.all()] == [pair.id] and again.user_of_token(token) == "u1"
+    again.backend.set_version(99)
     again.close()
     with pytest.raises(StoreError, match="newer"):
-        ComparisonStore(str(tmp_path / "db" / "feedback.db"))
+        ComparisonStore(db_url)
+
+
+def test_two_stores_on_one_postgresql_share_its_rows_and_retries(postgres_url):
+    """Two server processes' stores on one database: concurrent retries of the same ids land once."""
+    first, second = ComparisonStore(postgres_url), ComparisonStore(postgres_url)
+
+    def write(store, start):
+        for i in range(start, start + 40):
+            store.add_record(f"w{i % 4}", f"p{i}", "yes", "no", id=f"shared-{i % 60}")
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda args: write(*args), [(first, 0), (second, 20)]))
+    ids = [c.id for c in first.all()]
+    assert sorted(ids) == sorted(f"shared-{i}" for i in range(60))  # the 20 ids both wrote: once each
+    assert sorted(c.id for c in second.all()) == sorted(ids)
+    first.close()
+    second.close()
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +110,8 @@ def policy_dir(tmp_path_factory) -> Path:
     return train_tiny_runs(tmp_path_factory.mktemp("feedback"), names=("policy",))["policy"]
 
 
-def test_pairs_choices_full_records_and_export(policy_dir, tmp_path, capsys):
-    store = ComparisonStore(f"sqlite:///{tmp_path}/feedback.db")
+def test_pairs_choices_full_records_and_export(policy_dir, tmp_path, capsys, db_url):
+    store = ComparisonStore(db_url)
     server = PersonalizedServer(load_run(policy_dir), "tiny", Limits(max_prompt_tokens=64, max_tokens=16),
                                 reload_interval=None, store=store)
     with running(server) as url:
@@ -97,7 +145,7 @@ def test_pairs_choices_full_records_and_export(policy_dir, tmp_path, capsys):
         assert http.get("/v1/feedback").status_code == 400
     store.close()
     out = tmp_path / "collected.jsonl"
-    argv = ["data", "export", "--db", f"sqlite:///{tmp_path}/feedback.db", "--out", str(out),
+    argv = ["data", "export", "--db", db_url, "--out", str(out),
             "--ties-out", str(tmp_path / "ties.jsonl")]
     assert main(argv) == 0
     assert "left out: 1 tie or both-bad" in capsys.readouterr().out
@@ -106,7 +154,7 @@ def test_pairs_choices_full_records_and_export(policy_dir, tmp_path, capsys):
     assert chosen == {"user_01": (pair.choices[1].text, pair.choices[0].text), "newcomer": ("Dear team, ...", "hey")}
     assert json.loads((tmp_path / "ties.jsonl").read_text())["choice"] == "tie"
     assert main(argv) == 2  # refuses to overwrite
-    assert main(["data", "export", "--db", "postgresql://x/y", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert main(["data", "export", "--db", "mysql://x/y", "--out", str(tmp_path / "o.jsonl")]) == 2
 
 
 def test_feedback_needs_the_store(policy_dir):
@@ -189,25 +237,38 @@ def test_a_new_user_is_onboarded_live_after_k_comparisons(policy_dir, tmp_path):
                                 reload_interval=None, store=store, onboard_after=3)
     records = load_records(policy_dir.parent / "data" / "test.jsonl")
     mine = [r for r in records if r.user_id == records[0].user_id][:3]
+    more = [r for r in records if r.user_id != records[0].user_id][:3]
     with running(server) as url:
         http = httpx.Client(base_url=url)
         generic = http.post("/v1/completions", json={"model": "tiny", "prompt": mine[0].prompt, "user": "newcomer",
                                                      "max_tokens": 12, "temperature": 0}).json()
         states = [http.post("/v1/feedback", json={"user": "newcomer", "prompt": r.prompt, "chosen": r.chosen,
                                                   "rejected": r.rejected}).json()["user_model"] for r in mine]
-        assert states == ["generic", "generic", "fitting"]
+        assert states == ["generic", "generic", "fitting"], states
         deadline = time.monotonic() + 60
         while server.onboarding.status("newcomer") != "active":
             assert time.monotonic() < deadline, "not onboarded within 60 s"
             time.sleep(0.1)
         own = http.post("/v1/completions", json={"model": "tiny", "prompt": mine[0].prompt, "user": "newcomer",
                                                  "max_tokens": 12, "temperature": 0}).json()
+        row_before = server.users.snapshot().model.state_dict()["offsets.weight"][
+            server.users.snapshot().registry.index("newcomer")].clone()
+        # three more winners (6 = 2 x 3): the known user's row is fitted again, from where it is
+        states = [http.post("/v1/feedback", json={"user": "newcomer", "prompt": r.prompt, "chosen": r.chosen,
+                                                  "rejected": r.rejected}).json()["user_model"] for r in more]
+        assert states == ["active", "active", "fitting"], states
+        while server.onboarding.status("newcomer") != "active":
+            assert time.monotonic() < deadline + 60, "not refitted within 60 s"
+            time.sleep(0.1)
+        snapshot = server.users.snapshot()
+        row_after = snapshot.model.state_dict()["offsets.weight"][snapshot.registry.index("newcomer")]
     store.close()
-    assert generic["prlhf"]["user_known"] is False and own["prlhf"] == {"user": "newcomer", "user_known": True,
-                                                                       "version": "v2"}
-    assert server.onboarding.fitted["newcomer"]["pairs"] == 3
+    assert snapshot.version == "v3" and server.onboarding.fitted["newcomer"]["refit"] is True
+    assert server.onboarding.fitted["newcomer"]["pairs"] == 6 and not torch.equal(row_before, row_after)
+    assert generic["prlhf"]["user_known"] is False, generic
+    assert own["prlhf"] == {"user": "newcomer", "user_known": True, "version": "v2"}, (own, server.onboarding.fitted)
     table = load_run(run_dir)  # committed: the run's current version holds the new user
-    assert "newcomer" in table.registry and json.loads((run_dir / "run.json").read_text())["version"] == "v2"
+    assert "newcomer" in table.registry and json.loads((run_dir / "run.json").read_text())["version"] == "v3"
 
 
 def test_tokens_act_as_their_user_only_and_admin_calls_need_the_key(policy_dir, tmp_path):

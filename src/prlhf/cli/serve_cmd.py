@@ -36,10 +36,15 @@ def open_store(url: str):
 
     from prlhf.data.store import ComparisonStore, StoreError
 
+    from prlhf.cli.store_cmds import store_label
+
     try:
         return ComparisonStore(url)
     except (StoreError, OSError, sqlite3.Error) as exc:  # e.g. a file that is not a database
-        raise ConfigError(f"serve: --db {url}: {exc}") from None
+        raise ConfigError(f"serve: --db {store_label(url)}: {exc}") from None
+    except Exception as exc:  # psycopg's errors (no server there), without importing psycopg here
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError(f"serve: --db {store_label(url)}: {exc.__class__.__name__}: {first}") from None
 
 
 def cmd_invite(args) -> int:
@@ -144,8 +149,9 @@ def register(sub) -> None:
     s.add_argument("--reload-interval", type=float, default=2.0,
                    help="seconds between checks for a new version of the run's user table (0: never)")
     s.add_argument("--db", metavar="URL",
-                   help="store users' comparisons here (sqlite:///PATH): POST/GET /v1/feedback, and completion "
-                        "requests with \"compare\": true get a pair to compare")
+                   help="store users' comparisons here (sqlite:///PATH, or postgresql://... for several server "
+                        "processes): POST/GET /v1/feedback, the page /ui, and completion requests with \"compare\": "
+                        "true get a pair to compare")
     s.add_argument("--onboard-after", type=int, default=10, metavar="K",
                    help="with --db: fit a new user's row (LM frozen, as prlhf adapt) once they have K comparisons, "
                         "commit it as a new version and serve it (0: never; default 10)")

@@ -21,12 +21,14 @@ def cmd_data_export(args) -> int:
         if Path(out).exists() and not args.overwrite:
             raise ConfigError(f"data export: {out} already exists (--overwrite replaces it)")
     try:
-        path = sqlite_path(args.db)
-        if not path.is_file():
-            raise ConfigError(f"data export: {path}: no such database")
+        if not args.db.startswith(("postgresql://", "postgres://")) and not sqlite_path(args.db).is_file():
+            raise ConfigError(f"data export: {sqlite_path(args.db)}: no such database")
         store = ComparisonStore(args.db)
     except (StoreError, sqlite3.Error) as exc:
         raise ConfigError(f"data export: --db {args.db}: {exc}") from None
+    except Exception as exc:  # psycopg's errors (a server that is not there), without importing psycopg here
+        raise ConfigError(f"data export: --db {store_label(args.db)}: {exc.__class__.__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     records, ties, counts = [], [], {"pending": 0, "same_text": 0}
     try:
         for c in store.all():
@@ -53,13 +55,19 @@ def cmd_data_export(args) -> int:
     return 0
 
 
+def store_label(url: str) -> str:
+    """A store URL fit for a message: no password."""
+    return url.split("://", 1)[0] + "://" + url.split("@")[-1] if "@" in url else url
+
+
 def register(dsub) -> None:
     e = dsub.add_parser("export", help="write the comparisons a `prlhf serve --db` store holds as training records",
                         description="Write every decided comparison of the store as a (user_id, prompt, chosen, "
                                     "rejected) JSONL record that `prlhf train` and `prlhf adapt` read. Ties, both-bad "
                                     "and undecided pairs are left out (--ties-out writes the ties and both-bad ones "
                                     "to a file of their own, with their choice).")
-    e.add_argument("--db", required=True, help="the store: sqlite:///PATH (as given to prlhf serve --db)")
+    e.add_argument("--db", required=True, help="the store, as given to prlhf serve --db: sqlite:///PATH or "
+                                               "postgresql://...")
     e.add_argument("--out", required=True, help="JSONL file to write")
     e.add_argument("--ties-out", help="also write ties and both-bad comparisons here (not training records)")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files")

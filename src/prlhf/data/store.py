@@ -1,14 +1,16 @@
-"""The comparison store: the comparisons people make while a model is served, in SQLite (one file, nothing to
-install; `sqlite:///PATH` or a plain path).
+"""The comparison store: the comparisons people make while a model is served. SQLite by default (one file,
+nothing to install: `sqlite:///PATH` or a plain path); PostgreSQL by URL (`postgresql://...`, needs `psycopg`)
+when several server processes share one store.
 
 One row per comparison, after the conventions of Argilla and Chatbot Arena: its id, the user, the prompt (text or
 chat messages, as JSON), both responses, which was shown on the left, the choice (a, b, tie, both_bad; empty
 while pending), the run and user-table version that produced the responses, the sampling settings, timestamps
 and a status. Beside them, the personal tokens users reach the server with (only their sha256).
 
-A write is acknowledged only after its transaction commits (WAL journal, synchronous=FULL), so a killed server
-loses nothing it acknowledged; a retried write with the same id is not stored twice. The schema is created and
-migrated by `migrate()`, versioned in `PRAGMA user_version`.
+A write is acknowledged only after its transaction commits (SQLite: WAL journal, synchronous=FULL; PostgreSQL:
+its default synchronous commit), so a killed server loses nothing it acknowledged; a retried write with the same id
+is not stored twice. The schema is created and migrated by `migrate()`, versioned (SQLite: `PRAGMA
+user_version`; PostgreSQL: the table prlhf_schema, migrated under an advisory lock).
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ MIGRATIONS = {  # version -> the statements that bring the schema from version -
              run TEXT,
              version TEXT,
              sampling TEXT,
-             created_at REAL NOT NULL,
-             decided_at REAL,
+             created_at {float} NOT NULL,
+             decided_at {float},
              status TEXT NOT NULL CHECK (status IN ('pending', 'decided')))""",
         "CREATE INDEX comparisons_by_user ON comparisons (user_id, status, created_at)"],
     # personal links: a token stands for one user; only its sha256 is stored
-    2: ["CREATE TABLE tokens (token_sha256 TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at REAL NOT NULL)",
+    2: ["CREATE TABLE tokens (token_sha256 TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at {float} NOT NULL)",
         "CREATE INDEX tokens_by_user ON tokens (user_id)"],
 }
 FIELDS = ("id", "user_id", "prompt", "response_a", "response_b", "shown_left", "choice", "run", "version",
@@ -88,40 +90,110 @@ def sqlite_path(url: str) -> Path:
     if url.startswith("sqlite:///"):
         return Path(url[len("sqlite:///"):])
     if "://" in url:
-        raise StoreError(f"{url}: only sqlite:///PATH databases are supported (PostgreSQL is not implemented)")
+        raise StoreError(f"{url}: expected sqlite:///PATH or postgresql://...")
     return Path(url)
 
 
-class ComparisonStore:
-    """Thread-safe: one connection, one writer at a time (SQLite serializes writers anyway)."""
+class SQLite:
+    """One file; the connection is shared by the store's threads under its lock."""
+
+    float_type, name = "REAL", "sqlite"
 
     def __init__(self, url: str):
         self.path = sqlite_path(url)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before it is acknowledged
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before it is acknowledged
+
+    def execute(self, sql: str, params: tuple = ()):
+        return self.db.execute(sql, params)
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")  # the write lock now: no other writer between our read and write
+
+    def version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def set_version(self, version: int) -> None:
+        self.db.execute(f"PRAGMA user_version = {int(version)}")
+
+    def lock_schema(self) -> None:
+        pass  # BEGIN IMMEDIATE already excludes other writers
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class PostgreSQL:
+    """A server several prlhf processes may share; rows are locked per write (SELECT ... FOR UPDATE)."""
+
+    float_type, name = "DOUBLE PRECISION", "postgresql"
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+        except ImportError:
+            raise StoreError("a postgresql:// store needs psycopg: pip install 'prlhf[postgres]'") from None
+        self.path = url.split("@")[-1]  # for messages: never the password
+        self.db = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, params: tuple = ()):
+        return self.db.execute(sql.replace("?", "%s"), params)
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN")
+
+    def version(self) -> int:
+        self.db.execute("CREATE TABLE IF NOT EXISTS prlhf_schema (version INTEGER NOT NULL)")
+        row = self.db.execute("SELECT version FROM prlhf_schema").fetchone()
+        return 0 if row is None else row[0]
+
+    def set_version(self, version: int) -> None:
+        self.db.execute("DELETE FROM prlhf_schema")
+        self.db.execute("INSERT INTO prlhf_schema (version) VALUES (%s)", (version,))
+
+    def lock_schema(self) -> None:
+        self.db.execute("SELECT pg_advisory_xact_lock(72730)")  # two servers starting at once migrate once
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def connect(url: str):
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgreSQL(url)
+    return SQLite(url)
+
+
+class ComparisonStore:
+    """Thread-safe: one connection, one writer at a time in this process."""
+
+    def __init__(self, url: str):
+        self.backend = connect(url)
+        self.path = self.backend.path
         self._lock = threading.Lock()
         self.migrate()
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self.backend.close()
 
     def migrate(self) -> None:
-        with self._lock:
-            current = self._db.execute("PRAGMA user_version").fetchone()[0]
+        db = self.backend
+        with self._lock, self._transaction():
+            db.lock_schema()
+            current = db.version()
             if current > SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: schema version {current} is newer than this prlhf's "
                                  f"({SCHEMA_VERSION}); upgrade prlhf")
             for version in range(current + 1, SCHEMA_VERSION + 1):
-                with self._transaction():
-                    for statement in MIGRATIONS[version]:
-                        self._db.execute(statement)
-                    self._db.execute(f"PRAGMA user_version = {version}")
+                for statement in MIGRATIONS[version]:
+                    db.execute(statement.format(float=db.float_type))
+                db.set_version(version)
 
     def _transaction(self):
-        return _Transaction(self._db)
+        return _Transaction(self.backend)
 
     # ------------------------------------------------------------------------------------------ writes
 
@@ -151,39 +223,39 @@ class ComparisonStore:
                 if found.choice != choice:
                     raise StoreError(f"comparison {id!r} was already decided ({found.choice})")
                 return found
-            self._db.execute("UPDATE comparisons SET choice = ?, decided_at = ?, status = 'decided' WHERE id = ?",
+            self.backend.execute("UPDATE comparisons SET choice = ?, decided_at = ?, status = 'decided' WHERE id = ?",
                              (choice, time.time(), id))
             return self._get(id)
 
     def _insert(self, c: Comparison) -> Comparison:
-        row = _row(c)
+        columns, marks = ", ".join(FIELDS), ", ".join("?" * len(FIELDS))
         with self._lock, self._transaction():
-            existing = self._get(c.id)
-            if existing is not None:  # a retry after a lost acknowledgement: the same content is the same write
-                if _same_content(existing, c):
-                    return existing
-                raise StoreError(f"comparison id {c.id!r} is taken by another comparison")
-            self._db.execute(f"INSERT INTO comparisons ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})",
-                             row)
-        return c
+            added = self.backend.execute(f"INSERT INTO comparisons ({columns}) VALUES ({marks}) "
+                                         "ON CONFLICT (id) DO NOTHING", _row(c)).rowcount
+            if added:
+                return c
+            existing = self._get(c.id)  # a retry after a lost acknowledgement: the same content is the same write
+            if _same_content(existing, c):
+                return existing
+            raise StoreError(f"comparison id {c.id!r} is taken by another comparison")
 
     def delete_user(self, user_id: str) -> int:
         """Remove the user's comparisons and tokens; returns how many comparisons there were."""
         with self._lock, self._transaction():
-            self._db.execute("DELETE FROM tokens WHERE user_id = ?", (user_id,))
-            return self._db.execute("DELETE FROM comparisons WHERE user_id = ?", (user_id,)).rowcount
+            self.backend.execute("DELETE FROM tokens WHERE user_id = ?", (user_id,))
+            return self.backend.execute("DELETE FROM comparisons WHERE user_id = ?", (user_id,)).rowcount
 
     def invite(self, user_id: str) -> str:
         """A new personal token for `user_id` (shown once; the store keeps its sha256)."""
         token = secrets.token_urlsafe(24)
         with self._lock, self._transaction():
-            self._db.execute("INSERT INTO tokens (token_sha256, user_id, created_at) VALUES (?, ?, ?)",
+            self.backend.execute("INSERT INTO tokens (token_sha256, user_id, created_at) VALUES (?, ?, ?)",
                              (_sha256(token), user_id, time.time()))
         return token
 
     def user_of_token(self, token: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT user_id FROM tokens WHERE token_sha256 = ?", (_sha256(token),)).fetchone()
+            row = self.backend.execute("SELECT user_id FROM tokens WHERE token_sha256 = ?", (_sha256(token),)).fetchone()
         return None if row is None else row[0]
 
     # ------------------------------------------------------------------------------------------ reads
@@ -193,42 +265,44 @@ class ComparisonStore:
             return self._get(id)
 
     def _get(self, id: str) -> Comparison | None:
-        row = self._db.execute(f"SELECT {', '.join(FIELDS)} FROM comparisons WHERE id = ?", (id,)).fetchone()
+        lock = " FOR UPDATE" if self.backend.name == "postgresql" else ""  # inside a write: hold the row
+        row = self.backend.execute(f"SELECT {', '.join(FIELDS)} FROM comparisons WHERE id = ?{lock}",
+                                   (id,)).fetchone()
         return None if row is None else _comparison(row)
 
     def of_user(self, user_id: str, limit: int = 100) -> list[Comparison]:
         """The user's comparisons, newest first."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(FIELDS)} FROM comparisons WHERE user_id = ? "
+            rows = self.backend.execute(f"SELECT {', '.join(FIELDS)} FROM comparisons WHERE user_id = ? "
                                     "ORDER BY created_at DESC LIMIT ?", (user_id, limit)).fetchall()
         return [_comparison(r) for r in rows]
 
     def decided_count(self, user_id: str) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM comparisons WHERE user_id = ? AND status = 'decided'",
+            return self.backend.execute("SELECT COUNT(*) FROM comparisons WHERE user_id = ? AND status = 'decided'",
                                     (user_id,)).fetchone()[0]
 
     def preference_count(self, user_id: str) -> int:
         """Decided comparisons with a winner (a or b): the ones that make training records."""
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM comparisons WHERE user_id = ? AND choice IN ('a', 'b')",
+            return self.backend.execute("SELECT COUNT(*) FROM comparisons WHERE user_id = ? AND choice IN ('a', 'b')",
                                     (user_id,)).fetchone()[0]
 
     def all(self) -> Iterator[Comparison]:
         """Every comparison, oldest first."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(FIELDS)} FROM comparisons ORDER BY created_at, id").fetchall()
+            rows = self.backend.execute(f"SELECT {', '.join(FIELDS)} FROM comparisons ORDER BY created_at, id").fetchall()
         return (_comparison(r) for r in rows)
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an error): the caller's statements land whole or not at all."""
+    """BEGIN ... COMMIT (ROLLBACK on an error): the caller's statements land whole or not at all."""
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
+    def __init__(self, backend):
+        self.db = backend
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.begin()
         return self
 
     def __exit__(self, kind, *_):

@@ -1,11 +1,15 @@
-"""Live onboarding: once a user the served table does not hold has `after` comparisons with a winner in the store
-(ties and both-bad teach nothing), a background worker fits their row with everything else frozen
-(prlhf.train.adapt, what `prlhf adapt` runs), commits it as a new version of the served run
-(prlhf.runs.users.write_user_table: atomic) and swaps it into the server; their next request gets their own soft
-tokens. One fit runs at a time; users who reach their count while it runs are fitted together in the next one
-(each new row learns from its own user's pairs only). The server keeps answering meanwhile; the fit shares its CPU.
+"""Live onboarding and refits of users' rows from the comparisons the store collects.
 
-Users the table already holds are not refitted here (adapt fits unknown users only).
+- A user the served table does not hold, once they have `after` comparisons with a winner (ties and both-bad
+  teach nothing): their row is fitted with everything else frozen (prlhf.train.adapt, what `prlhf adapt` runs).
+- A user it holds, after every `after` further such comparisons (at `after`, 2 x `after`, ... collected ones):
+  their row is fitted again on everything they chose here, starting from the row they have (prlhf.train.adapt's
+  fit_rows, the same steps and rate).
+
+Each fit is committed as a new version of the served run, under the run's lock and only if the run has not moved
+since the fit began, then swapped into the server; the user's next request gets the new row. One fit runs at a
+time; users who become due while it runs are fitted together in the next one (each row learns from its own
+user's pairs only). The server keeps answering meanwhile; the fit shares its CPU.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import queue
 import threading
 import time
 
+import torch
+
 from prlhf.data.store import ComparisonStore
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.runs.directory import LoadedRun, RunError
-from prlhf.runs.users import registry_without, table_from_module, write_user_table
+from prlhf.runs.users import UserTable, changing_run, commit_user_table, registry_without, table_from_module
 from prlhf.users.registry import UserRegistry
 
 logger = logging.getLogger(__name__)
@@ -31,7 +37,7 @@ class Onboarding:
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.fitted: dict[str, dict] = {}  # user -> {"seconds", "pairs", "version"} of their last fit
+        self.fitted: dict[str, dict] = {}  # user -> {"seconds", "pairs", "fitted_with", "version", "refit"}
         self._forgotten: set[str] = set()  # deleted while a fit may be running: never committed
         self._thread = threading.Thread(target=self._work, name="prlhf-onboarding", daemon=True)
 
@@ -50,28 +56,30 @@ class Onboarding:
             self._forgotten.add(user_id)
 
     def status(self, user_id: str) -> str:
-        """"active" (the served table holds the user), "fitting", or "generic"."""
-        if user_id in self.server.users.snapshot().registry:
-            return "active"
+        """"fitting" (a fit of theirs is queued or running), "active" (the served table holds them) or
+        "generic"."""
         with self._lock:
-            return "fitting" if user_id in self._pending else "generic"
+            if user_id in self._pending:
+                return "fitting"
+        return "active" if user_id in self.server.users.snapshot().registry else "generic"
 
-    def notify(self, user_id: str, decided: int) -> str:
-        """After a decided comparison of `user_id` (their `decided` count): queue a fit when it is due."""
-        state = self.status(user_id)
-        if state == "generic" and decided >= self.after:
+    def notify(self, user_id: str, winners: int) -> str:
+        """After a decided comparison of `user_id` (`winners`: their comparisons with a winner): queue a fit when
+        one is due; returns their status."""
+        known = user_id in self.server.users.snapshot().registry
+        due = winners >= self.after if not known else winners > 0 and winners % self.after == 0
+        if due:
             with self._lock:
                 self._forgotten.discard(user_id)  # a deleted user who comes back starts over
                 if user_id not in self._pending:
                     self._pending.add(user_id)
                     self._queue.put(user_id)
-            return "fitting"
-        return state
+        return self.status(user_id)
 
     def _work(self) -> None:
         while not self._stop.is_set():
             users = [self._queue.get()]
-            while True:  # everyone queued meanwhile is fitted in the same pass: their rows are independent
+            while True:  # everyone queued meanwhile is fitted in the same pass
                 try:
                     users.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -82,48 +90,83 @@ class Onboarding:
             try:
                 self._fit(users)
             except Exception:  # a failed fit must not stop onboarding; the next comparison queues it again
-                logger.exception("onboarding %s failed", users)
+                logger.exception("fitting %s failed", users)
             finally:
                 with self._lock:
                     self._pending.difference_update(users)
 
     def _fit(self, users: list[str]) -> None:
+        started = time.perf_counter()
+        snapshot = self.server.users.snapshot()
+        records = {u: [r for c in self.store.of_user(u, limit=100_000) if (r := c.record()) is not None
+                       and r.chosen != r.rejected] for u in users}
+        records = {u: rs for u, rs in records.items() if len(rs) >= self.after}
+        new = [u for u in records if u not in snapshot.registry]
+        known = [u for u in records if u in snapshot.registry]
+        table = table_from_module(snapshot.model, UserRegistry(snapshot.registry.user_ids))
+        if known:
+            table = self._refit_known(table, snapshot.model, {u: records[u] for u in known})
+        if new:
+            table = self._fit_new(table, [r for u in new for r in records[u]])
+        with self._lock:
+            deleted = [u for u in records if u in self._forgotten]  # deleted while the fit ran: never committed
+        for user in deleted:
+            index = table.registry.index(user)
+            keep = [i for i in range(len(table.rows)) if i != index]
+            table = table.with_rows(table.rows[keep], registry_without(table.registry, user))
+        fitted = [u for u in records if u not in deleted]
+        if fitted and self._commit(table, snapshot.version, fitted):
+            seconds, version = time.perf_counter() - started, self.server.users.snapshot().version
+            for user in fitted:
+                self.fitted[user] = {"seconds": seconds, "pairs": len(records[user]), "fitted_with": len(fitted),
+                                     "version": version, "refit": user in known}
+                self.server.metrics.onboarding.observe(seconds)
+            logger.info("fitted %s (new: %s) in %.1f s (version %s)", fitted, new, seconds, version)
+
+    def _view(self, user_model) -> LoadedRun:
+        """The served LM with a given user model (the run's own may have been replaced by reloads since)."""
+        run = self.server.run
+        return LoadedRun(PersonalizedLM(run.model.lm, user_model, run.model.prefix_len), run.tokenizer,
+                         UserRegistry(self.server.users.snapshot().registry.user_ids), run.config, run.path)
+
+    def _fit_new(self, table: UserTable, records: list) -> UserTable:
         from prlhf.train.adapt import adapt_users
 
-        started = time.perf_counter()
-        run, snapshot = self.server.run, self.server.users.snapshot()
-        records, counts = [], {}
-        for user in users:
-            mine = [r for c in self.store.of_user(user, limit=100_000) if (r := c.record()) is not None
-                    and r.chosen != r.rejected]
-            if user not in snapshot.registry and len(mine) >= self.after:
-                records += mine
-                counts[user] = len(mine)
-        if not counts:
-            return
-        # the served LM with the table being served now (a reload may have replaced the one the run loaded with)
-        view = LoadedRun(PersonalizedLM(run.model.lm, snapshot.model, run.model.prefix_len), run.tokenizer,
-                         UserRegistry(snapshot.registry.user_ids), run.config, run.path)
+        view = self._view(table.to_module())  # the table as it is now: known users' refits included
+        view.registry = table.registry
         adapted, _ = adapt_users(view, records, steps=self.steps, show_progress=False)
-        table = table_from_module(adapted.model.user_model, adapted.registry)
-        with self._lock:
-            deleted = [u for u in counts if u in self._forgotten]  # deleted while the fit ran: never committed
-        for user in deleted:
-            table = table.with_rows(table.rows[[i for i in range(len(table.rows))
-                                                if i != table.registry.index(user)]],
-                                    registry_without(table.registry, user))
-            del counts[user]
-        if not counts:
-            return
+        return table_from_module(adapted.model.user_model, adapted.registry)
+
+    def _refit_known(self, table: UserTable, user_model, records: dict[str, list]) -> UserTable:
+        """Fit the rows of users the table holds again, each from their current row, on their own pairs."""
+        from prlhf.train.adapt import default_adapt_lr, fit_rows
+
+        view = self._view(user_model)
+        users = list(records)
+        flat = [r for u in users for r in records[u]]
+        local = torch.tensor([users.index(r.user_id) for r in flat], dtype=torch.long)
+        index = [table.registry.index(u) for u in users]
+        config = self.server.run.config
+        rows, _ = fit_rows(view.model, table.rows[index].float(), view.encode(flat), local,
+                           self.server.run.tokenizer.pad_token_id, config.beta, self.steps,
+                           default_adapt_lr(config, table.kind), show_progress=False, user_ids=users)
+        new_rows = table.rows.clone()
+        new_rows[index] = rows.to(new_rows.dtype)
+        return table.with_rows(new_rows, table.registry)
+
+    def _commit(self, table: UserTable, based_on: str | None, users: list[str]) -> bool:
         try:
-            write_user_table(run.path, table, written_by="serve onboarding")
+            with changing_run(self.server.run.path, "serve onboarding") as current:
+                # Another writer (another server on this run, `prlhf users ...`) committed during the fit: the
+                # table fitted here lacks its change, so committing it would undo that. Fit again on the new one.
+                if current.version != based_on:
+                    logger.info("fitting %s: the run moved to %s during the fit; the next comparison retries",
+                                users, current.version)
+                    self.server.users.reload_if_changed()
+                    return False
+                commit_user_table(current, table, "serve onboarding")
         except RunError as exc:  # e.g. `prlhf users ...` holds the run's lock right now
-            logger.warning("onboarding %s: could not commit (%s); the next comparison retries", sorted(counts), exc)
-            return
+            logger.warning("fitting %s: could not commit (%s); the next comparison retries", users, exc)
+            return False
         self.server.users.reload_if_changed()
-        seconds = time.perf_counter() - started
-        version = self.server.users.snapshot().version
-        for user, pairs in counts.items():
-            self.fitted[user] = {"seconds": seconds, "pairs": pairs, "fitted_with": len(counts), "version": version}
-            self.server.metrics.onboarding.observe(seconds)
-        logger.info("onboarded %s in %.1f s (version %s)", sorted(counts), seconds, version)
+        return True
