@@ -29,14 +29,17 @@ def postgres_server() -> Iterator[str]:
 
     bindir = postgres_bin()
     work = Path(tempfile.mkdtemp(prefix="prlhf-pg-", dir="/tmp"))  # a folder the postgres user can reach
-    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    # the server refuses root: as root, run it as the postgres user (subprocess switches user itself; runuser
+    # lives in /usr/sbin, which a minimal PATH lacks)
+    run_as = {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
     if run_as:
-        shutil.chown(work, "postgres")
+        shutil.chown(work, "postgres", "postgres")
     data, port = work / "data", free_port()
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "prlhf", "-E", "UTF8",
-                    "--no-sync"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc = subprocess.Popen([*run_as, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(work),
-                             "-c", "listen_addresses=127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "prlhf", "-E", "UTF8", "--no-sync"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work, **run_as)
+    proc = subprocess.Popen([str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(work), "-c",
+                             "listen_addresses=127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=work, **run_as)
     url = f"postgresql://prlhf@127.0.0.1:{port}/postgres"
     try:
         deadline = time.monotonic() + 60

@@ -100,3 +100,23 @@ def test_a_cache_that_cannot_be_joined_waits_for_the_next_batch(tiny_tokenizer, 
     eng.decode(first)
     assert all(r.finish_reason == "length" for r in first) and all(not r.tokens for r in later)
     assert eng.prefixes is None  # the prefix cache needs joinable caches too
+
+
+def test_decoding_waits_while_a_fit_borrows_the_lm(tiny_tokenizer):
+    """A fit's reference pass turns the shared LM's adapters off while it borrows the LM: no step is decoded then."""
+    import threading
+    import time
+
+    model = personalized("llama", tiny_tokenizer)
+    eng = engine(model, tiny_tokenizer)
+    (alone,) = make_rows(tiny_tokenizer, SPECS[:1])
+    eng.decode([alone])
+    rows = make_rows(tiny_tokenizer, SPECS[:1])
+    with eng.lm_gate.borrow():  # what fit_rows(..., reference_guard=engine.lm_gate.borrow()) enters
+        with model.reference():  # adapters off, as during that pass
+            worker = threading.Thread(target=eng.decode, args=(rows,))
+            worker.start()
+            time.sleep(0.3)
+            assert rows[0].tokens == []  # still waiting at its prefill
+    worker.join(30)
+    assert rows[0].tokens == alone.tokens  # decoded with the adapters on, once the LM was given back

@@ -12,12 +12,13 @@ one: prlhf.serve.kv). Each row keeps its own user, sampling settings and random 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,44 @@ class RequestQueue:
 
 class EngineStopped(Exception):
     """The worker is not running (shutting down, or it died)."""
+
+
+class LMGate:
+    """The engine uses the LM step by step; a borrower (a fit's reference pass) waits for the current step, then
+    has it alone. Borrowers go first: a plain lock would let the engine's tight loop take it back every time."""
+
+    def __init__(self):
+        self._ready = threading.Condition()
+        self._in_use = self._borrowed = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        with self._ready:
+            while self._borrowed or self._waiting:
+                self._ready.wait()
+            self._in_use = True
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._in_use = False
+                self._ready.notify_all()
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[None]:
+        with self._ready:
+            self._waiting += 1
+            while self._in_use or self._borrowed:
+                self._ready.wait()
+            self._waiting -= 1
+            self._borrowed = True
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._borrowed = False
+                self._ready.notify_all()
 
 
 @dataclass
@@ -140,6 +179,9 @@ class Engine:
         self._running = False
         self.busy_rows = 0
         self._in_flight: list[Row] = []  # every row the running batch has taken (for errors)
+        # entered around every forward; a fit of a user's row (prlhf.serve.refit) borrows the LM while its
+        # reference pass has the adapters off, so that no request is decoded by pi_ref meanwhile
+        self.lm_gate = LMGate()
 
     # ------------------------------------------------------------------------------------------ control
 
@@ -251,7 +293,7 @@ class Engine:
         """Decode `rows` to the end. Requests that arrive meanwhile join at a step boundary while there is room
         (continuous batching), on caches that allow it (prlhf.serve.kv)."""
         batch = self._prefill(rows)
-        lm, embed = self.model.lm, self.model.lm.get_input_embeddings()
+        embed = self.model.lm.get_input_embeddings()
         while batch.rows:
             started = time.perf_counter()
             tokens = next_tokens(batch.logits, [r.sampling for r in batch.rows], [r.generator for r in batch.rows])
@@ -268,9 +310,9 @@ class Engine:
                 batch.rows = []
             if batch.rows and not all(row.finish_reason is not None for row in batch.rows):
                 batch.mask = torch.cat([batch.mask, batch.mask.new_ones(batch.mask.shape[0], 1)], dim=1)
-                out = lm(inputs_embeds=embed(tokens[:, None]), attention_mask=batch.mask,
-                         position_ids=batch.mask.sum(-1, keepdim=True) - 1, use_cache=True,
-                         **{self.model.cache_kwarg(): batch.cache})
+                out = self._forward(inputs_embeds=embed(tokens[:, None]), attention_mask=batch.mask,
+                                    position_ids=batch.mask.sum(-1, keepdim=True) - 1, use_cache=True,
+                                    **{self.model.cache_kwarg(): batch.cache})
                 batch.cache = _cache_of(out, batch.cache)
                 batch.logits = out.logits[:, -1]
                 joiners = self._take_waiting(self.max_batch - len(batch.rows)) if joinable(batch.cache) else []
@@ -310,9 +352,13 @@ class Engine:
                                                         user_model=users.model)
         embeds, mask = left_align(embeds, mask)
         extra = {"logits_to_keep": 1} if self.model.supports_logits_to_keep() else {}
-        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                 use_cache=True, **extra)
+        out = self._forward(inputs_embeds=embeds, attention_mask=mask,
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **extra)
         return Batch(list(rows), _cache_of(out, None), mask, out.logits[:, -1])
+
+    def _forward(self, **inputs):
+        with self.lm_gate.use():
+            return self.model.lm(**inputs)
 
     def _prefixable(self, rows: list[Row]) -> bool:
         """Every prompt starts with the model's prefix (BOS where it has one) and has tokens after it."""
@@ -337,8 +383,8 @@ class Engine:
             head = torch.full((len(missing), b), self.tokenizer.bos_token_id or 0, dtype=torch.long, device=device)
             embeds = torch.cat([embed(head), users.model(idx).to(embed.weight.dtype)], dim=1)  # (M, P, d)
             ones = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
-            out = lm(inputs_embeds=embeds, attention_mask=ones, position_ids=ones.cumsum(-1) - 1, use_cache=True,
-                     **({"logits_to_keep": 1} if model.supports_logits_to_keep() else {}))
+            out = self._forward(inputs_embeds=embeds, attention_mask=ones, position_ids=ones.cumsum(-1) - 1,
+                                use_cache=True, **({"logits_to_keep": 1} if model.supports_logits_to_keep() else {}))
             if not joinable(_cache_of(out, None)):
                 self.prefixes = None
                 return None
@@ -358,8 +404,8 @@ class Engine:
         mask = torch.cat([tail_mask.new_ones(len(rows), prefix), tail_mask], dim=1)
         positions = prefix + (tail_mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": 1} if model.supports_logits_to_keep() else {}
-        out = lm(inputs_embeds=embed(ids), attention_mask=mask, position_ids=positions, use_cache=True,
-                 **{model.cache_kwarg(): kv}, **extra)
+        out = self._forward(inputs_embeds=embed(ids), attention_mask=mask, position_ids=positions, use_cache=True,
+                            **{model.cache_kwarg(): kv}, **extra)
         return Batch(list(rows), _cache_of(out, kv), mask, out.logits[:, -1])
 
     def _advance(self, row: Row, token: int) -> bool:

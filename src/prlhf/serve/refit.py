@@ -9,7 +9,8 @@
 Each fit is committed as a new version of the served run, under the run's lock and only if the run has not moved
 since the fit began, then swapped into the server; the user's next request gets the new row. One fit runs at a
 time; users who become due while it runs are fitted together in the next one (each row learns from its own
-user's pairs only). The server keeps answering meanwhile; the fit shares its CPU.
+user's pairs only). The server keeps answering meanwhile (the fit shares its CPU), except during the fit's
+reference pass, which turns the shared LM's adapters off and so borrows the LM from the engine (`lm_gate`).
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ class Onboarding:
 
         view = self._view(table.to_module())  # the table as it is now: known users' refits included
         view.registry = table.registry
-        adapted, _ = adapt_users(view, records, steps=self.steps, show_progress=False)
+        adapted, _ = adapt_users(view, records, steps=self.steps, show_progress=False,
+                                 reference_guard=self.server.engine.lm_gate.borrow())
         return table_from_module(adapted.model.user_model, adapted.registry)
 
     def _refit_known(self, table: UserTable, user_model, records: dict[str, list]) -> UserTable:
@@ -149,7 +151,8 @@ class Onboarding:
         config = self.server.run.config
         rows, _ = fit_rows(view.model, table.rows[index].float(), view.encode(flat), local,
                            self.server.run.tokenizer.pad_token_id, config.beta, self.steps,
-                           default_adapt_lr(config, table.kind), show_progress=False, user_ids=users)
+                           default_adapt_lr(config, table.kind), show_progress=False, user_ids=users,
+                           reference_guard=self.server.engine.lm_gate.borrow())
         new_rows = table.rows.clone()
         new_rows[index] = rows.to(new_rows.dtype)
         return table.with_rows(new_rows, table.registry)

@@ -14,6 +14,7 @@ users in one batch (loss = sum over users of their mean loss) is the same as fit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
@@ -123,12 +124,16 @@ def split_holdout(records: Sequence[PreferenceRecord], new_ids: Sequence[str], h
 
 def fit_rows(model: PersonalizedLM, init_rows: torch.Tensor, pairs: Sequence[EncodedPair], local_idx: torch.Tensor,
              pad_id: int, beta: float, steps: int, lr: float, batch_pairs: int = 64,
-             show_progress: bool = True, user_ids: Sequence[str] | None = None) -> tuple[torch.Tensor, list[float]]:
+             show_progress: bool = True, user_ids: Sequence[str] | None = None,
+             reference_guard=None) -> tuple[torch.Tensor, list[float]]:
     """Train the new rows (n, row) on their users' pairs; returns the fitted rows and the loss per step.
 
+    The reference pass turns the LM's adapters off: `reference_guard` (a context manager entered around it) keeps
+    anyone else using the same LM meanwhile (a server decoding while it fits a user) from seeing that.
     Raises TrainingDiverged, naming the step and the users (`user_ids`, by local index), as soon as a loss or a
     row stops being finite: a NaN row must never reach a run directory."""
-    ref_chosen, ref_rejected = compute_reference_logps(model, pairs, pad_id, show_progress=False)  # (P,), (P,)
+    with reference_guard or contextlib.nullcontext():
+        ref_chosen, ref_rejected = compute_reference_logps(model, pairs, pad_id, show_progress=False)  # (P,), (P,)
     for p in model.parameters():  # PEFT's disable_adapter() marks the adapters trainable again on exit
         p.requires_grad_(False)
     new = RowsOverShared(model.user_model, init_rows.float())
@@ -186,14 +191,14 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
                 lr: float | None = None, holdout: float = 0.0, seed: int = 0, user: str | None = None,
                 warm_start: str = "none", known_records: Sequence[PreferenceRecord] | None = None,
                 eval_records: Sequence[PreferenceRecord] | None = None, batch_pairs: int = 64,
-                show_progress: bool = True) -> tuple[LoadedRun, dict]:
+                show_progress: bool = True, reference_guard=None) -> tuple[LoadedRun, dict]:
     """Fit embeddings for the users in `records` that the run does not know (or only `user`).
 
     `holdout` of each new user's pairs (seeded) is kept out of fitting and used for the before (generic
     embedding) / after (adapted) accuracy; `eval_records` gives that evaluation set explicitly instead.
     `warm_start="text"` starts each new user from the mean embedding of known users with the same (or else the
     most similar) user_text; known users' texts come from `known_records` (their training data).
-    `lr` defaults to `default_adapt_lr` of the run.
+    `lr` defaults to `default_adapt_lr` of the run; `reference_guard`: see `fit_rows`.
     Returns a new LoadedRun (sharing `run`'s LM; user model and registry extended, known rows bitwise equal,
     nothing written to disk) and a report dict.
     """
@@ -244,7 +249,7 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
     try:
         start = time.time()
         rows, losses = fit_rows(run.model, init, pairs, local_idx, pad_id, cfg.beta, steps, lr, batch_pairs,
-                                show_progress, user_ids=new_ids)
+                                show_progress, user_ids=new_ids, reference_guard=reference_guard)
         seconds = time.time() - start
         new_table = extend_rows(table, new_ids, rows)
         model = PersonalizedLM(run.model.lm, new_table.to_module(), run.model.prefix_len).eval()
