@@ -22,14 +22,18 @@ if not (CHROMIUM and DRIVER) and not os.environ.get("PRLHF_REQUIRE_BROWSER"):
 
 
 @pytest.fixture()
-def browser():
+def browser(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)  # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
+    # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start. The rest keep it off the network
+    # (this machine's is closed: it would try Google's hosts at every start) and out of any earlier profile.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     try:
         yield driver
