@@ -19,7 +19,6 @@ pairs each user needed, and the seconds from a user's 10th winning choice to a r
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import platform
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from prlhf.bench.serve import Client
 from prlhf.data.loading import load_records
 from prlhf.data.store import ComparisonStore
 from prlhf.data.tasks import build_style_task
@@ -62,19 +62,6 @@ def score(text: str, profile: dict) -> int:
     """+1 per dimension the text shows in the user's pole, -1 per dimension it shows in the other."""
     votes = style_votes(text)
     return sum((v == profile[d]) - (v is not None and v != profile[d]) for d, v in votes.items())
-
-
-class Client:
-    def __init__(self, port: int):
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-
-    def post(self, path: str, body: dict) -> dict:
-        self.connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-        response = self.connection.getresponse()
-        data = json.loads(response.read())
-        if response.status != 200:
-            raise RuntimeError(f"{path}: {response.status} {data}")
-        return data
 
 
 def simulate(port: int, user: str, profile: dict, prompts: list[str], after: int, max_pairs: int) -> dict:

@@ -141,6 +141,13 @@ class Client:
         response = self.connection.getresponse()
         return response.status, response.read().decode()
 
+    def post(self, path: str, body: dict) -> dict:
+        """The JSON answer of a POST that must succeed (anything but a 200 raises, with the server's words)."""
+        status, text = self.request("POST", path, body)
+        if status != 200:
+            raise RuntimeError(f"{path}: the server answered {status}: {text[:200]}")
+        return json.loads(text)
+
     def __enter__(self):
         return self
 
@@ -151,13 +158,9 @@ class Client:
 def completion(client: Client, prompt: str, user: str, max_tokens: int) -> tuple[float, int]:
     """(seconds, completion tokens) of one request."""
     started = time.perf_counter()
-    status, text = client.request("POST", "/v1/completions", {
-        "model": MODEL_NAME, "prompt": prompt, "user": user, "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True})
-    seconds = time.perf_counter() - started
-    if status != 200:
-        raise RuntimeError(f"the server answered {status}: {text[:200]}")
-    return seconds, json.loads(text)["usage"]["completion_tokens"]
+    answer = client.post("/v1/completions", {"model": MODEL_NAME, "prompt": prompt, "user": user,
+                                             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    return time.perf_counter() - started, answer["usage"]["completion_tokens"]
 
 
 def clients_run(port: int, prompts: list[str], users: list[str], clients: int, rounds: int, max_tokens: int) -> dict:

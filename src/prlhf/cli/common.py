@@ -24,6 +24,14 @@ def setup_logging(verbose: bool = False) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def set_threads(n: int) -> None:
+    """torch's CPU threads (0 leaves torch's default)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cfg_cls, skip: tuple[str, ...] = (),
                         only: tuple[str, ...] | None = None, defaults: dict[str, str] | None = None) -> None:
     """One --flag per config field (or per field in `only`), with the field's help; defaults stay None so a config

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 
+from prlhf.cli.common import set_threads
+
 
 def cmd_export(args) -> int:
     from prlhf.serve.export import export_run
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     out = export_run(args.run, args.out)
     meta = json.loads((out / "export.json").read_text())
     version = f" (version {meta['version']})" if meta["version"] else ""
@@ -20,13 +22,6 @@ def cmd_export(args) -> int:
           f"{meta['num_user_tokens']} soft token(s) each -> {out} (model/, users.safetensors, users.json, "
           "export.json, prompt_embeds.py)")
     return 0
-
-
-def _set_threads(n: int) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
 
 
 def register(subparsers) -> None:

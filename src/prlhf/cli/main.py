@@ -13,7 +13,7 @@ from pathlib import Path
 from prlhf import __version__
 from prlhf.bench.options import TRAIN_FLAGS, default_notes
 from prlhf.cli.checks import check_flags
-from prlhf.cli.common import add_dataclass_flags, config_from_args, setup_logging
+from prlhf.cli.common import add_dataclass_flags, config_from_args, set_threads, setup_logging
 from prlhf.cli.errors import command_name, describe, own_error_types
 from prlhf.cli.polis_cmds import add_build_flags as add_polis_build_flags
 from prlhf.cli.polis_cmds import build_summary as polis_build_summary
@@ -47,7 +47,7 @@ def cmd_eval(args) -> int:
     from prlhf.runs.directory import is_eval_result, load_run, write_json_atomic
     from prlhf.safe_io import output_file_problem
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     if args.out and (problem := output_file_problem(Path(args.out), args.overwrite, is_eval_result)):
         raise ConfigError(f"eval: --out {args.out} {problem}")  # before any work
     if args.plot and args.out and os.path.abspath(args.plot) == os.path.abspath(args.out):
@@ -69,7 +69,7 @@ def cmd_generate(args) -> int:
     from prlhf.evaluate.generation import generate_texts
     from prlhf.runs.directory import RunError, load_run
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     run = load_run(args.run)
     if getattr(run.model, "is_reward_model", False):
         raise RunError(f"{args.run}: a reward-model run does not generate; pass it as --rerank to a policy run")
@@ -96,7 +96,7 @@ def cmd_score(args) -> int:
     from prlhf.evaluate.scoring import require_reward_run, score_responses
     from prlhf.runs.directory import load_run
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     run = require_reward_run(load_run(args.run))
     if args.user not in run.registry:
         print(f"prlhf: note: user {args.user!r} was not seen in training: using the generic user", file=sys.stderr)
@@ -266,13 +266,6 @@ def cmd_bench_speed(args) -> int:
     except ValueError as exc:
         raise ConfigError(f"bench speed: {exc}") from None
     return 0
-
-
-def _set_threads(n: int) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
 
 
 def build_parser() -> argparse.ArgumentParser:

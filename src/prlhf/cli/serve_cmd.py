@@ -10,6 +10,8 @@ import signal
 import threading
 from pathlib import Path
 
+from prlhf.cli.common import set_threads
+from prlhf.cli.store_cmds import open_store
 from prlhf.config import ConfigError
 
 DESCRIPTION = """Serve a policy run over OpenAI's API: /v1/models, /v1/completions, /v1/chat/completions (stream, n,
@@ -31,29 +33,13 @@ def read_api_keys(path: str) -> list[str]:
     return keys
 
 
-def open_store(url: str):
-    import sqlite3
-
-    from prlhf.data.store import ComparisonStore, StoreError
-
-    from prlhf.cli.store_cmds import store_label
-
-    try:
-        return ComparisonStore(url)
-    except (StoreError, OSError, sqlite3.Error) as exc:  # e.g. a file that is not a database
-        raise ConfigError(f"serve: --db {store_label(url)}: {exc}") from None
-    except Exception as exc:  # psycopg's errors (no server there), without importing psycopg here
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ConfigError(f"serve: --db {store_label(url)}: {exc.__class__.__name__}: {first}") from None
-
-
 def cmd_invite(args) -> int:
     """`prlhf serve invite USER --db URL`: a personal token (and the page's link) for USER."""
     if len(args.invite) != 2 or args.invite[0] != "invite":
         raise ConfigError("serve: the only action is `prlhf serve invite USER --db URL`")
     if not args.db:
         raise ConfigError("serve invite: --db URL is required (the store the server uses)")
-    store = open_store(args.db)
+    store = open_store(args.db, "serve invite")
     try:
         token = store.invite(args.invite[1])
     finally:
@@ -67,8 +53,6 @@ def cmd_serve(args) -> int:
         return cmd_invite(args)
     if not args.run:
         raise ConfigError("serve: --run RUN is required")
-    import torch
-
     try:
         import uvicorn
 
@@ -78,8 +62,7 @@ def cmd_serve(args) -> int:
     from prlhf.evaluate.scoring import require_reward_run
     from prlhf.runs.directory import RunError, load_run
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens_cap", "port", "onboard_after"):
         if getattr(args, name) is not None and getattr(args, name) < (1 if name.startswith("max") else 0):
             raise ConfigError(f"serve: --{name.replace('_', '-')} must be positive")
@@ -90,7 +73,7 @@ def cmd_serve(args) -> int:
     reward = require_reward_run(load_run(args.reward_run, device=args.device)) if args.reward_run else None
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens or run.config.max_prompt_length,
                     max_tokens=args.max_tokens_cap, request_timeout=args.request_timeout)
-    store = open_store(args.db) if args.db else None
+    store = open_store(args.db, "serve") if args.db else None
     server = PersonalizedServer(run, args.model_name or Path(args.run).resolve().name, limits, reward=reward,
                                 api_keys=keys, max_batch=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
                                 max_queue=args.max_queue, reload_interval=args.reload_interval or None,
@@ -138,7 +121,8 @@ def register(sub) -> None:
                    help="require Authorization: Bearer KEY, one accepted key per line (/health stays open)")
     s.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together at most (default 32)")
     s.add_argument("--batch-wait-ms", type=float, default=2.0,
-                   help="how long an idle server waits for more requests to start a batch with (default 2 ms; later arrivals join the running batch at a step boundary)")
+                   help="how long an idle server waits for more requests to start a batch with (default 2 ms; "
+                        "later arrivals join the running batch at a step boundary)")
     s.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting at most; more get 429 (default 256)")
     s.add_argument("--max-prompt-tokens", type=int,
@@ -153,8 +137,9 @@ def register(sub) -> None:
                         "processes): POST/GET /v1/feedback, the page /ui, and completion requests with \"compare\": "
                         "true get a pair to compare")
     s.add_argument("--onboard-after", type=int, default=10, metavar="K",
-                   help="with --db: fit a new user's row (LM frozen, as prlhf adapt) once they have K comparisons, "
-                        "commit it as a new version and serve it (0: never; default 10)")
+                   help="with --db: fit a new user's row (LM frozen, as prlhf adapt) once they have K comparisons "
+                        "with a winner, and a known user's again after every K more; each fit is committed as a new "
+                        "version and served (0: never; default 10)")
     s.add_argument("--prefix-cache-mb", type=float, default=256.0,
                    help="memory for the KV of recent users' [BOS] + soft tokens, so their prefill covers the prompt "
                         "only (0: off; default 256)")

@@ -11,24 +11,30 @@ from pathlib import Path
 from prlhf.config import ConfigError
 
 
-def cmd_data_export(args) -> int:
+def open_store(url: str, command: str, must_exist: bool = False):
+    """The ComparisonStore at `url`, or a one-line ConfigError naming the command (and never a password)."""
     import sqlite3
 
     from prlhf.data.store import ComparisonStore, StoreError, sqlite_path
+
+    try:
+        if must_exist and not url.startswith(("postgresql://", "postgres://")) and not sqlite_path(url).is_file():
+            raise ConfigError(f"{command}: {sqlite_path(url)}: no such database")
+        return ComparisonStore(url)
+    except (StoreError, OSError, sqlite3.Error) as exc:  # e.g. a file that is not a database
+        raise ConfigError(f"{command}: --db {store_label(url)}: {exc}") from None
+    except Exception as exc:  # psycopg's errors (no server there), without importing psycopg here
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError(f"{command}: --db {store_label(url)}: {exc.__class__.__name__}: {first}") from None
+
+
+def cmd_data_export(args) -> int:
     from prlhf.safe_io import atomic_write_text
 
     for out in filter(None, (args.out, args.ties_out)):
         if Path(out).exists() and not args.overwrite:
             raise ConfigError(f"data export: {out} already exists (--overwrite replaces it)")
-    try:
-        if not args.db.startswith(("postgresql://", "postgres://")) and not sqlite_path(args.db).is_file():
-            raise ConfigError(f"data export: {sqlite_path(args.db)}: no such database")
-        store = ComparisonStore(args.db)
-    except (StoreError, sqlite3.Error) as exc:
-        raise ConfigError(f"data export: --db {args.db}: {exc}") from None
-    except Exception as exc:  # psycopg's errors (a server that is not there), without importing psycopg here
-        raise ConfigError(f"data export: --db {store_label(args.db)}: {exc.__class__.__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    store = open_store(args.db, "data export", must_exist=True)
     records, ties, counts = [], [], {"pending": 0, "same_text": 0}
     try:
         for c in store.all():
@@ -36,8 +42,7 @@ def cmd_data_export(args) -> int:
                 counts["pending"] += 1
             elif c.response_a == c.response_b:
                 counts["same_text"] += 1  # not a comparison a loss can learn from
-            elif c.record() is not None:
-                r = c.record()
+            elif (r := c.record()) is not None:
                 records.append({"user_id": r.user_id, "prompt": r.prompt, "chosen": r.chosen,
                                 "rejected": r.rejected, "comparison_id": c.id})
             else:

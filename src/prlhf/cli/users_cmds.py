@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from prlhf.cli.common import set_threads
 from prlhf.config import ConfigError
 
 
@@ -17,7 +18,7 @@ def cmd_adapt(args) -> int:
     from prlhf.runs.users import save_adapted_run
     from prlhf.train.adapt import adapt_users
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # refuse before any work
         raise ConfigError(f"{out}: already exists and is not empty; choose another --out")
@@ -80,13 +81,6 @@ def cmd_users_import(args) -> int:
     result = import_users(args.run, getattr(args, "from"), overwrite=args.overwrite)
     print(json.dumps(result))
     return 0
-
-
-def _set_threads(n: int) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
 
 
 def _times(factor: float) -> str:

@@ -129,16 +129,7 @@ class PersonalizedLM(SoftPromptModel):
         Prompts are left-padded after the user tokens are inserted, so every row ends at the same position.
         Returns the new token ids of each row, cut after the first EOS.
         """
-        device = self.lm.get_input_embeddings().weight.device
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompt_ids):  # right-pad first; rows are re-aligned to the left below
-            ids[row, :len(p)] = torch.tensor(list(p), device=device)
-            mask[row, :len(p)] = 1
-        idx = None if user_idx is None else user_idx.to(device)
-        embeds, mask, _ = self.insert_user_tokens(ids, mask, None, idx)
-        embeds, mask = left_align(embeds, mask)
+        embeds, mask = self.prompt_embeddings(prompt_ids, user_idx, pad_token_id)
         if generate_kwargs.pop("use_cache", True) is False:
             # transformers always caches when generating from inputs_embeds, so the uncached path is ours
             out = self._greedy_without_cache(embeds, mask, eos_token_id, pad_token_id, max_new_tokens,
@@ -150,6 +141,22 @@ class PersonalizedLM(SoftPromptModel):
         for row in out.tolist():
             results.append(row[:row.index(eos_token_id) + 1] if eos_token_id in row else row)
         return results
+
+    def prompt_embeddings(self, prompt_ids: Sequence[Sequence[int]], user_idx: torch.Tensor | None, pad_token_id: int,
+                          user_model: UserModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts (each [BOS] + prompt ids) -> (B, L, d) embeddings with the users' soft tokens after BOS and the
+        (B, L) mask, left-padded so that every row ends at the last column (what generation continues from).
+        `user_model` replaces the model's own (see insert_user_tokens)."""
+        device = self.lm.get_input_embeddings().weight.device
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompt_ids):  # right-pad first; rows are re-aligned to the left below
+            ids[row, :len(p)] = torch.tensor(list(p), device=device)
+            mask[row, :len(p)] = 1
+        idx = None if user_idx is None else user_idx.to(device)
+        embeds, mask, _ = self.insert_user_tokens(ids, mask, None, idx, user_model=user_model)
+        return left_align(embeds, mask)
 
     def _greedy_without_cache(self, embeds: torch.Tensor, mask: torch.Tensor, eos_token_id: int, pad_token_id: int,
                               max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False) -> torch.Tensor:

@@ -83,10 +83,11 @@ def require_personalized(kind: str, what: str) -> None:
 
 
 def read_user_table(run_dir: str | os.PathLike) -> UserTable:
-    return _read_table(resolve_run(run_dir))
+    return table_of(resolve_run(run_dir))
 
 
-def _read_table(run: RunFiles) -> UserTable:
+def table_of(run: RunFiles) -> UserTable:
+    """The user table of a resolved run version (read once: the version it names)."""
     config = json.loads((run.files / "user_model.json").read_text())
     state = load_file(str(run.files / "user_model.safetensors"))
     registry = UserRegistry.load(run.files / "users.json")
@@ -172,14 +173,19 @@ def delete_user(run_dir: str | os.PathLike, user_id: str) -> None:
     """Drop the user's row and renumber the registry (indices stay 1..N without gaps). The id then maps to the
     generic user; every other user keeps their row, bitwise, at its (possibly lower) new index."""
     with changing_run(run_dir, "users delete") as run:
-        table = _read_table(run)
+        table = table_of(run)
         require_personalized(table.kind, "users delete")
         if user_id not in table.registry:
             raise RunError(f"users delete: user {user_id!r} is not in {run_dir} ({len(table.registry)} users; "
                            f"see `prlhf users list`)")
-        idx = table.registry.index(user_id)
-        rows = torch.cat([table.rows[:idx], table.rows[idx + 1:]])
-        commit_user_table(run, table.with_rows(rows, registry_without(table.registry, user_id)), "users delete")
+        commit_user_table(run, table_without(table, user_id), "users delete")
+
+
+def table_without(table: UserTable, user_id: str) -> UserTable:
+    """The table with the user's row dropped and the registry renumbered; every other row kept bitwise."""
+    idx = table.registry.index(user_id)
+    rows = torch.cat([table.rows[:idx], table.rows[idx + 1:]])
+    return table.with_rows(rows, registry_without(table.registry, user_id))
 
 
 # --------------------------------------------------------------------------------------- export / import
@@ -293,7 +299,7 @@ def import_users(run_dir: str | os.PathLike, prefix: str | os.PathLike, overwrit
 def _import_rows(run: RunFiles, prefix: Path, meta: dict, tensors: dict, overwrite: bool) -> dict:
     run_dir = run.root
     tensor_path = export_paths(prefix)[0]
-    table = _read_table(run)
+    table = table_of(run)
     require_personalized(table.kind, "users import")
     want = shape_config(table.config)
     got = meta["user_model"]

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 
 from prlhf.model.personalized import PersonalizedLM
-from prlhf.model.prompt_sharing import left_align
 from prlhf.serve.kv import PrefixCache, join, joinable, rows_of, stack_rows, trim
 from prlhf.serve.sampling import Sampling, next_tokens
 from prlhf.serve.users import ServedUsers
@@ -136,10 +135,9 @@ class Row:
 
 @dataclass
 class BatchStats:
-    """One decoding step: rows in it, tokens it produced, its wall time."""
+    """One decoding step: the rows in it (one new token each) and its wall time."""
 
     rows: int
-    new_tokens: int
     seconds: float
 
 
@@ -324,7 +322,7 @@ class Engine:
             else:
                 batch.rows = []
             self.busy_rows = len(batch.rows)
-            self.on_batch(BatchStats(stepped, stepped, time.perf_counter() - started))
+            self.on_batch(BatchStats(stepped, time.perf_counter() - started))
 
     def _prefill(self, rows: list[Row]) -> Batch:
         """One forward over the rows' prompts, each with its user's soft tokens from the current user table; with
@@ -340,23 +338,16 @@ class Engine:
             batch = self._prefill_after_prefixes(rows, indices, users)
             if batch is not None:
                 return batch
-        lm = self.model.lm
-        device = lm.get_input_embeddings().weight.device
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):  # right-padded here, left-aligned after the user tokens go in
-            ids[i, :len(row.prompt_ids)] = torch.tensor(row.prompt_ids, device=device)
-            mask[i, :len(row.prompt_ids)] = 1
-        embeds, mask, _ = self.model.insert_user_tokens(ids, mask, None, torch.tensor(indices, device=device),
-                                                        user_model=users.model)
-        embeds, mask = left_align(embeds, mask)
-        extra = {"logits_to_keep": 1} if self.model.supports_logits_to_keep() else {}
+        embeds, mask = self.model.prompt_embeddings([r.prompt_ids for r in rows], torch.tensor(indices), self.pad,
+                                                    user_model=users.model)
         out = self._forward(inputs_embeds=embeds, attention_mask=mask,
-                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **extra)
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
         return Batch(list(rows), _cache_of(out, None), mask, out.logits[:, -1])
 
     def _forward(self, **inputs):
+        """One forward of the LM, logits at the last position only (all that decoding reads)."""
+        if self.model.supports_logits_to_keep():
+            inputs["logits_to_keep"] = 1
         with self.lm_gate.use():
             return self.model.lm(**inputs)
 
@@ -375,8 +366,8 @@ class Engine:
         cache.keep_version(users.version)
         keys = [(users.version, i) for i in indices]
         missing = sorted({i for k, i in zip(keys, indices) if k not in cache})
-        cache.hits += sum(1 for k in keys if k in cache)
-        cache.misses += sum(1 for k in keys if k not in cache)
+        misses = sum(1 for k in keys if k not in cache)
+        cache.hits, cache.misses = cache.hits + len(keys) - misses, cache.misses + misses
         computed = {}
         if missing:
             idx = torch.tensor(missing, device=device)
@@ -384,7 +375,7 @@ class Engine:
             embeds = torch.cat([embed(head), users.model(idx).to(embed.weight.dtype)], dim=1)  # (M, P, d)
             ones = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
             out = self._forward(inputs_embeds=embeds, attention_mask=ones, position_ids=ones.cumsum(-1) - 1,
-                                use_cache=True, **({"logits_to_keep": 1} if model.supports_logits_to_keep() else {}))
+                                use_cache=True)
             if not joinable(_cache_of(out, None)):
                 self.prefixes = None
                 return None
@@ -403,9 +394,8 @@ class Engine:
             tail_mask[i, width - len(tail):] = 1
         mask = torch.cat([tail_mask.new_ones(len(rows), prefix), tail_mask], dim=1)
         positions = prefix + (tail_mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": 1} if model.supports_logits_to_keep() else {}
         out = self._forward(inputs_embeds=embed(ids), attention_mask=mask, position_ids=positions, use_cache=True,
-                            **{model.cache_kwarg(): kv}, **extra)
+                            **{model.cache_kwarg(): kv})
         return Batch(list(rows), _cache_of(out, kv), mask, out.logits[:, -1])
 
     def _advance(self, row: Row, token: int) -> bool:

@@ -41,6 +41,6 @@ class Metrics:
 
     def observe_batch(self, stats) -> None:
         self.batch_size.observe(stats.rows)
-        self.tokens.inc(stats.new_tokens)
+        self.tokens.inc(stats.rows)
         if stats.seconds > 0:
-            self.tokens_per_second.set(stats.new_tokens / stats.seconds)
+            self.tokens_per_second.set(stats.rows / stats.seconds)

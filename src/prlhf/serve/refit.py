@@ -25,7 +25,7 @@ import torch
 from prlhf.data.store import ComparisonStore
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.runs.directory import LoadedRun, RunError
-from prlhf.runs.users import UserTable, changing_run, commit_user_table, registry_without, table_from_module
+from prlhf.runs.users import UserTable, changing_run, commit_user_table, table_from_module, table_without
 from prlhf.users.registry import UserRegistry
 
 logger = logging.getLogger(__name__)
@@ -106,15 +106,13 @@ class Onboarding:
         known = [u for u in records if u in snapshot.registry]
         table = table_from_module(snapshot.model, UserRegistry(snapshot.registry.user_ids))
         if known:
-            table = self._refit_known(table, snapshot.model, {u: records[u] for u in known})
+            table = self._refit_known(table, {u: records[u] for u in known})
         if new:
             table = self._fit_new(table, [r for u in new for r in records[u]])
         with self._lock:
             deleted = [u for u in records if u in self._forgotten]  # deleted while the fit ran: never committed
         for user in deleted:
-            index = table.registry.index(user)
-            keep = [i for i in range(len(table.rows)) if i != index]
-            table = table.with_rows(table.rows[keep], registry_without(table.registry, user))
+            table = table_without(table, user)
         fitted = [u for u in records if u not in deleted]
         if fitted and self._commit(table, snapshot.version, fitted):
             seconds, version = time.perf_counter() - started, self.server.users.snapshot().version
@@ -124,26 +122,26 @@ class Onboarding:
                 self.server.metrics.onboarding.observe(seconds)
             logger.info("fitted %s (new: %s) in %.1f s (version %s)", fitted, new, seconds, version)
 
-    def _view(self, user_model) -> LoadedRun:
-        """The served LM with a given user model (the run's own may have been replaced by reloads since)."""
+    def _view(self, table: UserTable) -> LoadedRun:
+        """The served LM with the user table being fitted (the run's own may have been replaced by reloads)."""
         run = self.server.run
+        user_model = table.to_module().to(run.model.lm.get_input_embeddings().weight.device)
         return LoadedRun(PersonalizedLM(run.model.lm, user_model, run.model.prefix_len), run.tokenizer,
-                         UserRegistry(self.server.users.snapshot().registry.user_ids), run.config, run.path)
+                         table.registry, run.config, run.path)
 
     def _fit_new(self, table: UserTable, records: list) -> UserTable:
         from prlhf.train.adapt import adapt_users
 
-        view = self._view(table.to_module())  # the table as it is now: known users' refits included
-        view.registry = table.registry
+        view = self._view(table)  # the table as it is now: known users' refits included
         adapted, _ = adapt_users(view, records, steps=self.steps, show_progress=False,
                                  reference_guard=self.server.engine.lm_gate.borrow())
         return table_from_module(adapted.model.user_model, adapted.registry)
 
-    def _refit_known(self, table: UserTable, user_model, records: dict[str, list]) -> UserTable:
+    def _refit_known(self, table: UserTable, records: dict[str, list]) -> UserTable:
         """Fit the rows of users the table holds again, each from their current row, on their own pairs."""
         from prlhf.train.adapt import default_adapt_lr, fit_rows
 
-        view = self._view(user_model)
+        view = self._view(table)
         users = list(records)
         flat = [r for u in users for r in records[u]]
         local = torch.tensor([users.index(r.user_id) for r in flat], dtype=torch.long)

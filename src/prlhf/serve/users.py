@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prlhf.runs.directory import RunError, read_pointer, resolve_run
-from prlhf.runs.users import read_user_table
+from prlhf.runs.users import table_of
 from prlhf.safe_io import MANIFEST
 from prlhf.users.models import UserModel
 from prlhf.users.registry import GENERIC_INDEX, CompactRegistry, UserRegistry
@@ -97,7 +97,7 @@ class ServedUsers:
                                    "(still serving the user table of %s)", self.root, version, self.current.version)
                     self._refused.add(version)
                     return False
-                table = read_user_table(self.root)
+                table = table_of(run)  # the version just checked, read once
             except (RunError, OSError, ValueError) as exc:
                 logger.warning("%s: could not load version %s (%s); still serving %s", self.root, version, exc,
                                self.current.version)
