@@ -3,7 +3,8 @@ and minutes, so it runs in `prlhf bench speed`, not here)."""
 
 import pytest
 
-from prlhf.bench.speed import METHODS, generation_speed, prepare, ratios, render, step_time_by_users
+from prlhf.bench.speed import (METHODS, PRLHF_METHODS, data_lengths, generation_speed, prepare, profile_step,
+                               ratios, render, step_time_by_users, summarise)
 
 pytestmark = pytest.mark.slow
 
@@ -14,14 +15,28 @@ def test_pieces_and_report(tmp_path):
     assert set(by_users) == {"10", "1000"} and all(v > 0 for v in by_users.values())
     gen = generation_speed(setup, new_tokens=8, repeats=1)
     assert gen["plain"] > 0 and gen["personalized"] > 0
-    fake = {"pairs_per_s": {m: 10.0 + i for i, m in enumerate(METHODS)},
-            "peak_rss_mb": {m: 100.0 for m in METHODS}, "wall_s": {m: 1.0 for m in METHODS},
+    # per-process results as the workers report them: TRL's constructor 2 s longer with its reference pass
+    runs = {m: [{"pairs_per_s": 10.0 + i, "peak_rss_mb": 100.0, "wall_s": 1.0,
+                 "init_s": 3.0 if m == "trl_dpo_precomputed" else 1.0, "reference_s": 0.5}]
+            for i, m in enumerate(METHODS)}
+    lengths = data_lengths(setup)
+    block = summarise(runs, setup, lengths, "fp32")
+    assert block["reference_s"]["trl_dpo"] == 0 and block["reference_s"]["trl_dpo_precomputed"] == pytest.approx(2)
+    n = setup["n_pairs"]
+    assert block["end_to_end_pairs_per_s"]["prlhf_dpo"] == pytest.approx(n / (0.5 + n / 12.0))
+    assert block["end_to_end_pairs_per_s"]["trl_dpo"] == pytest.approx(10.0)  # its reference is in its steps
+    assert all(0 < block["peak_share"][m] for m in METHODS) and block["matmul_peak_flops"] > 0
+    fake = {"model": "tiny", "dtype": "fp32", **block, "by_dtype": {"fp32": block},
             "step_s_by_users": {"10": 0.1, "10000": 0.1, "100000": 0.11},
             "step_s_by_users_dense_table": {"10": 0.1, "10000": 0.2, "100000": 1.0},
-            "gen_tokens_per_s": gen, "setup": {"n_pairs": 1, "batch_size": 8, "steps": 3, "repeats": 1,
-                                               "model": "tiny", "threads": 1, "quick": True, "machine": "x"}}
+            "gen_tokens_per_s": gen, "profile_s": profile_step(setup, "fp32", steps=1),
+            "setup": {"n_pairs": n, "batch_size": 8, "steps": 3, "repeats": 1, "model": "tiny", "threads": 1,
+                      "quick": True, "dtypes": ["fp32"], "lengths": lengths, "machine": "x"}}
+    assert fake["profile_s"]["by_kind"]["matmul"] > 0 and fake["profile_s"]["top_operators"]
     fake["ratios"] = ratios(fake)
-    assert fake["ratios"]["prlhf_dpo_vs_trl"] == pytest.approx(11 / 10)
+    assert fake["ratios"]["prlhf_dpo_vs_trl"] == pytest.approx(12 / 10)
+    assert fake["ratios"]["prlhf_dpo_vs_trl_precomputed"] == pytest.approx(12 / 11)
     assert fake["ratios"]["step_100k_vs_10_users"] == pytest.approx(1.1)
+    assert set(PRLHF_METHODS) < set(METHODS)
     text = render(fake)
-    assert "| trl_dpo | 10.0 | 1.00x |" in text and "100,000" in text
+    assert "| trl_dpo | 10.00 | 1.00x |" in text and "100,000" in text and "matmul" in text

@@ -182,7 +182,7 @@ def test_logits_only_from_the_first_response_position_change_nothing(arch, tiny_
         model = make(arch, tiny_tokenizer)
         model.share_prompts = False  # the one-forward-per-row path, where logits_to_keep applies
         if not keep:
-            model._logits_to_keep = lambda labels: None
+            model._logits_to_keep = lambda width, first_label: None
         batch = batch_for(tiny_tokenizer)
         logps = model(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor([1, 2, 1, 2]))
         logps.sum().backward()

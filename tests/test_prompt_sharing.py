@@ -10,8 +10,8 @@ from prlhf.data.schema import PreferenceRecord
 from prlhf.data.tokenize import adds_bos, encode_records
 from prlhf.model.loading import add_lora, ensure_pad_token
 from prlhf.model.personalized import PersonalizedLM
-from prlhf.model.prompt_sharing import group_by_prompt
-from prlhf.train.loop import train
+from prlhf.model.prompt_sharing import RowLayout, group_by_prompt
+from prlhf.train.loop import policy_logps, train
 from prlhf.users.models import build_user_model
 
 # Prompts of different lengths, one-token and multi-token answers, and one prompt rated by two users.
@@ -92,6 +92,46 @@ def test_grouping_keys_on_user_and_prompt_and_declines_when_nothing_is_shared(ti
     unlabelled = labels.clone()
     unlabelled[0] = -100
     assert group_by_prompt(ids, mask, unlabelled, users) is None
+
+
+def same_groups(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (torch.equal(a.starts, b.starts) and torch.equal(a.prefix_of, b.prefix_of)
+            and torch.equal(a.first_row, b.first_row) and (a.prefix_width, a.continuation_width)
+            == (b.prefix_width, b.continuation_width))
+
+
+def test_the_collators_layout_groups_rows_as_reading_the_tensors_does(tiny_tokenizer):
+    """The training loop hands the forward a layout built on the host from the collator's: the same groups as
+    reading the ids back from the device, for each of the loop's row layouts."""
+    batch = collate_pairs(encode_records(RECORDS, tiny_tokenizer), torch.tensor([1, 2, 1, 2]), torch.arange(4),
+                          tiny_tokenizer.pad_token_id)
+    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+    users2 = batch.user_idx.repeat(2)
+    users4 = torch.cat([users2, torch.zeros(8, dtype=torch.long)])
+    cases = [(RowLayout.of_pairs(batch.layout, None), (ids, mask, labels, None)),
+             (RowLayout.of_pairs(batch.layout, users2.tolist()), (ids, mask, labels, users2)),
+             (RowLayout.of_pairs(batch.layout, users4.tolist(), copies=2),
+              (ids.repeat(2, 1), mask.repeat(2, 1), labels.repeat(2, 1), users4))]
+    for layout, rows in cases:
+        read = RowLayout.from_tensors(*rows)
+        assert (layout.starts, layout.lengths) == (read.starts, read.lengths)
+        assert same_groups(layout.groups("cpu"), group_by_prompt(*rows))
+    distinct = [len(layout.groups("cpu").first_row) for layout, _ in cases]
+    assert distinct == [3, 4, 7]  # prompts; (user, prompt); and the same again under e_0 (3 prompts)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_policy_logps_with_the_collators_layout_match_reading_the_tensors(alpha, tiny_tokenizer):
+    model = make("llama", tiny_tokenizer, share=True)
+    batch = collate_pairs(encode_records(RECORDS, tiny_tokenizer), torch.tensor([1, 2, 1, 2]), torch.arange(4),
+                          tiny_tokenizer.pad_token_id)
+    with_layout = policy_logps(model, batch, True, alpha < 1)
+    batch.layout = None  # the forward then reads the layout from the tensors
+    without = policy_logps(model, batch, True, alpha < 1)
+    for a, b in zip(with_layout, without):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_training_with_shared_prompts_reaches_the_same_weights(task_dir, tmp_path, monkeypatch):

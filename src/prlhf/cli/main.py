@@ -262,7 +262,8 @@ def cmd_bench_speed(args) -> int:
     from prlhf.bench.speed import run_speed_bench
 
     try:
-        run_speed_bench(Path(args.out), quick=args.quick, threads=args.threads)
+        dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip()) if args.dtype else None
+        run_speed_bench(Path(args.out), quick=args.quick, threads=args.threads, model=args.model, dtypes=dtypes)
     except ValueError as exc:
         raise ConfigError(f"bench speed: {exc}") from None
     return 0
@@ -365,8 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (results as JSON + Markdown)")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    sp = bsub.add_parser("speed", help="TRL DPOTrainer vs prlhf DPO / P-DPO throughput, step time vs number of "
-                                       "users, personalized vs plain generation (needs `pip install trl`)")
+    sp = bsub.add_parser("speed", help="TRL DPOTrainer (reference in-step and precomputed) vs prlhf DPO / P-DPO "
+                                       "throughput per step and end to end, share of the measured matmul peak; on "
+                                       "tiny also step time vs number of users and personalized vs plain generation "
+                                       "(needs `pip install trl`)")
+    sp.add_argument("--model", default="tiny", help="tiny (the length task) | smollm2-135m | gemma3-270m (TL;DR posts, "
+                                                    "prompts of 128-256 tokens) (default tiny)")
+    sp.add_argument("--dtype", default=None, help="comma-separated, the first is the headline: fp32 | bf16 "
+                                                  "(default fp32 on tiny, bf16,fp32 on a preset)")
     sp.add_argument("--quick", action="store_true", help="fewer steps and one repeat (a few minutes)")
     sp.add_argument("--out", required=True, help="folder for speed.json and speed.md")
     sp.add_argument("--threads", type=int, default=2, help="torch CPU threads per measured process (default 2)")

@@ -22,6 +22,16 @@ class UserIndex(Protocol):
     def indices(self, user_ids: Sequence[str]) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class PairLayout:
+    """A batch's structure as Python values, so work that needs it (prompt sharing) does not wait on the device."""
+
+    prompt_key: tuple[int, ...]  # (B,) equal for pairs whose prompt ids are equal
+    prompt_len: tuple[int, ...]  # (B,) prompt tokens (where the labels start)
+    row_len: tuple[int, ...]     # (2B,) real tokens of each row: chosen rows, then rejected
+    users: tuple[int, ...]       # (B,) user_idx
+
+
 @dataclass
 class PairBatch:
     """B pairs stacked as 2B sequences: rows [0, B) are chosen, rows [B, 2B) rejected (prompt + response)."""
@@ -31,10 +41,11 @@ class PairBatch:
     labels: torch.Tensor          # (2B, L), IGNORE_INDEX on prompt and padding
     user_idx: torch.Tensor        # (B,) user-model index of each pair's user (0 = generic)
     example_idx: torch.Tensor     # (B,) position of each pair in its dataset (to look up cached ref log-probs)
+    layout: PairLayout | None = None  # stays on the host
 
-    def to(self, device) -> "PairBatch":
-        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
-                                                   self.user_idx, self.example_idx)))
+    def to(self, device, non_blocking: bool = False) -> "PairBatch":
+        return PairBatch(*(t.to(device, non_blocking=non_blocking) for t in (
+            self.input_ids, self.attention_mask, self.labels, self.user_idx, self.example_idx)), self.layout)
 
     def __len__(self) -> int:
         return self.user_idx.shape[0]
@@ -52,7 +63,10 @@ def collate_pairs(pairs: Sequence[EncodedPair], user_idx: torch.Tensor, example_
         input_ids[row, :len(seq)] = torch.tensor(seq)
         attention_mask[row, :len(seq)] = 1
         labels[row, plen:len(seq)] = torch.tensor(seq[plen:])
-    return PairBatch(input_ids, attention_mask, labels, user_idx, example_idx)
+    keys: dict[tuple[int, ...], int] = {}
+    layout = PairLayout(tuple(keys.setdefault(tuple(p.prompt_ids), len(keys)) for p in pairs),
+                        tuple(prompt_lens[:len(pairs)]), tuple(len(s) for s in seqs), tuple(user_idx.tolist()))
+    return PairBatch(input_ids, attention_mask, labels, user_idx, example_idx, layout)
 
 
 class PairCollator:

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from prlhf.data.collate import IGNORE_INDEX
 from prlhf.model.logprobs import sequence_logps
-from prlhf.model.prompt_sharing import continuation_rows, group_by_prompt, left_align, prefix_rows
+from prlhf.model.prompt_sharing import RowLayout, continuation_rows, left_align, prefix_rows
 from prlhf.model.soft_prompt import SoftPromptModel
 from prlhf.users.models import UserModel
 
@@ -43,17 +43,22 @@ class PersonalizedLM(SoftPromptModel):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                user_idx: torch.Tensor | None = None) -> torch.Tensor:
+                user_idx: torch.Tensor | None = None, layout: RowLayout | None = None) -> torch.Tensor:
         """Summed response log-probs (S,) for right-padded sequences (S, L), each with its user's tokens
-        (user_idx (S,)) or none (user_idx None)."""
-        groups = group_by_prompt(input_ids, attention_mask, labels, user_idx) if self.share_prompts else None
+        (user_idx (S,)) or none (user_idx None). `layout` describes the rows on the host (the training loop has
+        it from the collator); without it, it is read from the tensors."""
+        if layout is None:
+            layout = RowLayout.from_tensors(input_ids, attention_mask, labels, user_idx, self.share_prompts)
+        groups = layout.groups(input_ids.device) if self.share_prompts else None
         if groups is not None:
             return self._forward_shared_prompts(input_ids, attention_mask, labels, user_idx, groups)
+        inserted = 0 if user_idx is None else self.user_model.num_tokens
         embeds, mask, labels = self.insert_user_tokens(input_ids, attention_mask, labels, user_idx)
         # Right padding: positions count real tokens only, so user tokens shift the prompt's positions by T_u.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {}
-        keep = self._logits_to_keep(labels)
+        first = layout.first_label()
+        keep = self._logits_to_keep(labels.shape[1], None if first is None else first + inserted)
         if keep is not None:
             extra["logits_to_keep"] = keep
             labels = labels[:, -keep:]
@@ -77,7 +82,7 @@ class PersonalizedLM(SoftPromptModel):
             return self.forward(input_ids, attention_mask, labels, user_idx)
         first_logits = out.logits[:, -1][groups.prefix_of]  # (S, V): predicts each row's first response token
         cache.reorder_cache(groups.prefix_of)  # (U, ...) -> (S, ...), a gather: gradients reach the prefix
-        c_ids, c_mask, c_labels = continuation_rows(input_ids, attention_mask, labels, groups.starts)  # (S, R)
+        c_ids, c_mask, c_labels = continuation_rows(input_ids, attention_mask, labels, groups)  # (S, R)
         mask = torch.cat([p_mask[groups.prefix_of], c_mask], dim=1)  # (S, P' + R)
         positions = p_mask.sum(1)[groups.prefix_of, None] + torch.arange(c_ids.shape[1], device=c_ids.device)
         c_logits = self.lm(inputs_embeds=self.lm.get_input_embeddings()(c_ids), attention_mask=mask,
@@ -85,17 +90,14 @@ class PersonalizedLM(SoftPromptModel):
         logits = torch.cat([first_logits[:, None], c_logits], dim=1)  # (S, 1 + R, V)
         return sequence_logps(logits, torch.cat([torch.full_like(c_labels[:, :1], IGNORE_INDEX), c_labels], 1))
 
-    def _logits_to_keep(self, labels: torch.Tensor) -> int | None:
-        """How many final positions need logits: from the one before the earliest response token on. The output
-        head and log-softmax over the vocabulary then skip most prompt positions (about a fifth of a small
-        model's compute on short-answer data). None when the model's forward has no `logits_to_keep`."""
-        if not self.supports_logits_to_keep():
+    def _logits_to_keep(self, width: int, first_label: int | None) -> int | None:
+        """How many final positions of rows `width` wide need logits: from the one before the earliest response
+        token (`first_label`, after the user tokens) on. The output head and log-softmax over the vocabulary then
+        skip most prompt positions (about a fifth of a small model's compute on short-answer data). None when
+        the model's forward has no `logits_to_keep` or no row has labels."""
+        if not self.supports_logits_to_keep() or first_label is None:
             return None
-        has_label = (labels != IGNORE_INDEX).any(0)  # (L,)
-        if not has_label.any():
-            return None
-        first = int(has_label.nonzero()[0])
-        return labels.shape[1] - max(first - 1, 0)
+        return width - max(first_label - 1, 0)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

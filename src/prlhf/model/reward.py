@@ -37,9 +37,11 @@ class PersonalizedRewardModel(SoftPromptModel):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                user_idx: torch.Tensor | None = None) -> torch.Tensor:
+                user_idx: torch.Tensor | None = None, layout: object = None) -> torch.Tensor:
         """Rewards (S,) of right-padded sequences (S, L), each under its user's tokens (user_idx (S,)).
-        Pool "mean" needs `labels` (S, L): the response tokens are those not IGNORE_INDEX."""
+        Pool "mean" needs `labels` (S, L): the response tokens are those not IGNORE_INDEX. `layout` is accepted
+        for the training loop's sake and unused: each sequence needs its own final hidden state, nothing is
+        shared."""
         if self.pool == "mean" and labels is None:
             raise ValueError("a mean-pooled reward model needs labels to find the response tokens")
         embeds, mask, labels = self.insert_user_tokens(input_ids, attention_mask, labels, user_idx)

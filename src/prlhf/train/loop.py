@@ -22,6 +22,7 @@ from prlhf.data.tokenize import adds_bos
 from prlhf.losses import chosen_nll, p_dpo_loss, p_rm_loss
 from prlhf.model.loading import add_lora, disable_dropout, enable_activation_checkpointing, input_embeddings_as_seen
 from prlhf.model.personalized import PersonalizedLM
+from prlhf.model.prompt_sharing import RowLayout
 from prlhf.model.reward import PersonalizedRewardModel
 from prlhf.progress import bar_disabled
 from prlhf.runs.directory import save_run
@@ -47,14 +48,19 @@ class TrainingDiverged(RuntimeError):
 def policy_logps(model, batch: PairBatch, with_user_tokens: bool, with_generic: bool):
     """One forward for chosen, rejected and (alpha < 1) their generic copies: (user_c, user_r, gen_c, gen_r)."""
     ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels  # (2B, L) chosen rows then rejected
+    pairs = batch.layout  # the rows' structure on the host: the forward's prompt sharing needs no device sync
     if not with_user_tokens:
-        chosen, rejected = model(ids, mask, labels, None).chunk(2)
+        layout = RowLayout.of_pairs(pairs, None) if pairs is not None else None
+        chosen, rejected = model(ids, mask, labels, None, layout=layout).chunk(2)
         return chosen, rejected, None, None
     users = batch.user_idx.repeat(2)  # (2B,)
+    row_users = list(pairs.users) * 2 if pairs is not None else None
     if with_generic:  # every pair a second time with the generic user e_0 (index 0)
         ids, mask, labels = ids.repeat(2, 1), mask.repeat(2, 1), labels.repeat(2, 1)
         users = torch.cat([users, torch.zeros_like(users)])
-    logps = model(ids, mask, labels, users)
+        row_users = row_users + [0] * len(row_users) if row_users is not None else None
+    layout = RowLayout.of_pairs(pairs, row_users, copies=2 if with_generic else 1) if pairs is not None else None
+    logps = model(ids, mask, labels, users, layout=layout)
     user_c, user_r, *generic = logps.chunk(4 if with_generic else 2)
     return (user_c, user_r, *generic) if with_generic else (user_c, user_r, None, None)
 
@@ -110,6 +116,7 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
         model = PersonalizedLM(lm, user_model, prefix_len=int(adds_bos(tokenizer)),
                                share_prompts=config.share_prompts and not config.gradient_checkpointing)
     model = model.to(accelerator.device)
+    reference_start = time.time()
     if is_rm:  # a reward model has no reference
         ref_chosen = ref_rejected = torch.zeros(len(pairs))
     else:
@@ -121,6 +128,7 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
                                                               reference_cache_dir(config.reference_cache), mixed,
                                                               write=is_main, show_progress=show)  # (N,), (N,)
 
+    reference_seconds = time.time() - reference_start
     with_users = user_model.num_tokens > 0
     alpha = config.alpha if with_users else 1.0  # uniform: l(e_u) = l(e_0), the split changes nothing
     # batch_size is per process: the prepared loader hands process p the batches p, p + P, p + 2P, ... of
@@ -189,8 +197,10 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
                     clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            metrics.update(accelerator, out, user_c, user_r, generic, batch.user_idx)  # every process's rows
-            if not metrics.finite:  # stop before a checkpoint or the run's files take the NaN weights
+            metrics.update(out, user_c, user_r, generic, batch.user_idx)  # kept on the device until logged
+            if not accelerator.sync_gradients:
+                continue
+            if not metrics.step_was_finite(accelerator):  # stop before a checkpoint or the files take NaN weights
                 bar.close()  # the one-line error then starts a line of its own
                 kept = list_checkpoints(run_dir)
                 raise TrainingDiverged(
@@ -198,13 +208,11 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
                     f"{scheduler.get_last_lr()[0]:.3g}, mixed precision {config.mixed_precision}); nothing of this "
                     f"step was saved{f' (last checkpoint: {kept[-1][1].name})' if kept else ''}. "
                     "Lower --lr / --user-lr, or train in fp32 (--mixed-precision no)")
-            if not accelerator.sync_gradients:
-                continue
             scheduler.step()
             step += 1
             bar.update()
             if step % config.log_steps == 0 or step == total_steps:
-                row = {"step": step, "epoch": epoch + batches_in_epoch / len(loader), **metrics.row(),
+                row = {"step": step, "epoch": epoch + batches_in_epoch / len(loader), **metrics.row(accelerator),
                        "lr": scheduler.get_last_lr()[0], "elapsed_s": time.time() - start}
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
                 if is_main:
@@ -218,6 +226,7 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
                                          if k not in ("step", "split") and v is not None}, step=step)
                 accelerator.wait_for_everyone()
             if step % save_every == 0 or step == total_steps:
+                metrics.flush(accelerator)  # its per-user counts go into the checkpoint
                 save_checkpoint(trainable, run_dir, step, {"step": step, "epoch": epoch, "batches_in_epoch":
                                                            batches_in_epoch, "metrics": metrics.state_dict(),
                                                            "fingerprint": fingerprint},
@@ -226,12 +235,13 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
                 break
         else:
             epoch, skip = epoch + 1, 0
-            metrics.new_epoch()
+            metrics.new_epoch(accelerator)
             continue
         break
     bar.close()
 
-    summary = {"steps": step, "train_seconds": round(time.time() - start, 2), "n_pairs": len(pairs),
+    summary = {"steps": step, "train_seconds": round(time.time() - start, 2),
+               "reference_seconds": round(reference_seconds, 2), "n_pairs": len(pairs),
                "n_users": len(registry), "user_model": config.user_model, "model": config.model,
                "objective": config.objective}
     accelerator.wait_for_everyone()

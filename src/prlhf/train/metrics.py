@@ -13,24 +13,37 @@ from prlhf.safe_io import atomic_write_text
 
 
 def batch_metrics(out: PreferenceLossOutput, chosen_logps: torch.Tensor | None, rejected_logps: torch.Tensor | None,
-                  generic: PreferenceLossOutput | None) -> dict[str, float]:
-    """Means over the batch; `logps/*` only for a policy (a reward model has rewards, already under `rewards/*`)."""
+                  generic: PreferenceLossOutput | None) -> dict[str, torch.Tensor]:
+    """Means over the batch as 0-d tensors on the batch's device (read back later, all at once); `logps/*` only for a
+    policy (a reward model has rewards, already under `rewards/*`)."""
     margins = out.chosen_rewards - out.rejected_rewards
     metrics = {
-        "loss": out.losses.mean().item(),
-        "rewards/chosen": out.chosen_rewards.mean().item(),
-        "rewards/rejected": out.rejected_rewards.mean().item(),
-        "rewards/margins": margins.mean().item(),
-        "rewards/accuracies": (margins > 0).float().mean().item(),
+        "loss": out.losses.mean(),
+        "rewards/chosen": out.chosen_rewards.mean(),
+        "rewards/rejected": out.rejected_rewards.mean(),
+        "rewards/margins": margins.mean(),
+        "rewards/accuracies": (margins > 0).float().mean(),
     }
     if chosen_logps is not None and rejected_logps is not None:
-        metrics["logps/chosen"] = chosen_logps.detach().mean().item()
-        metrics["logps/rejected"] = rejected_logps.detach().mean().item()
+        metrics["logps/chosen"] = chosen_logps.detach().mean()
+        metrics["logps/rejected"] = rejected_logps.detach().mean()
     if generic is not None:
         generic_correct = generic.chosen_rewards > generic.rejected_rewards
-        metrics["generic/rewards/accuracies"] = generic_correct.float().mean().item()
-        metrics["generic/loss"] = generic.losses.mean().item()
+        metrics["generic/rewards/accuracies"] = generic_correct.float().mean()
+        metrics["generic/loss"] = generic.losses.mean()
     return metrics
+
+
+def as_floats(metrics: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    """Many dicts of 0-d tensors -> floats, with one copy to the host."""
+    if not metrics:
+        return []
+    values = torch.stack([v.detach().double() for m in metrics for v in m.values()]).tolist()
+    out, at = [], 0
+    for m in metrics:
+        out.append(dict(zip(m, values[at:at + len(m)])))
+        at += len(m)
+    return out
 
 
 class PerUserAccuracy:
@@ -58,49 +71,78 @@ def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(d[k] for d in dicts if k in d) / sum(1 for d in dicts if k in d) for k in sorted(keys)}
 
 
-def gather_outputs(accelerator, out: PreferenceLossOutput, generic: PreferenceLossOutput | None,
-                   *tensors: torch.Tensor):
-    """Every process's per-example tensors of one micro-batch, concatenated in process order (each (B * P,)).
-
-    `gather`, not `gather_for_metrics`: the duplicates Accelerate pads into an uneven last batch are trained on
-    too, so the metrics describe exactly the examples the gradient saw."""
-    def g(t: torch.Tensor) -> torch.Tensor:
-        return accelerator.gather(t.detach().contiguous())
-
-    out = PreferenceLossOutput(*(g(t) for t in out))
-    generic = PreferenceLossOutput(*(g(t) for t in generic)) if generic is not None else None
-    return out, generic, *(g(t) for t in tensors)
-
-
 class TrainMetrics:
     """The metrics.jsonl rows: batch metrics averaged over the logging window, per-user accuracy over the
     epoch so far (summarised), all computed from the examples of every process. `with_logps=False` for a reward
-    model, whose per-sequence outputs are rewards, not log-probs."""
+    model, whose per-sequence outputs are rewards, not log-probs.
+
+    Nothing is read back from the device per micro-batch: `update` keeps the detached per-example tensors, and
+    `flush` (at logging, checkpoints and epoch ends: points every process reaches together) gathers them from
+    every process and copies them to the host once. `step_was_finite` is the one host read per optimizer step."""
 
     def __init__(self, with_logps: bool = True):
-        self.window, self.per_user, self.with_logps = [], PerUserAccuracy(), with_logps
-        self.finite = True  # the last micro-batch's losses, gathered: the same answer on every process
+        self.window: list[dict[str, float]] = []  # one entry per micro-batch of the logging window
+        self.per_user, self.with_logps = PerUserAccuracy(), with_logps
+        self.pending: list[list[torch.Tensor]] = []  # per micro-batch: this process's per-example tensors
+        self.has_generic = False
+        self.nonfinite: torch.Tensor | None = None  # on the device: a loss of this optimizer step was not finite
 
-    def update(self, accelerator, out: PreferenceLossOutput, chosen_logps: torch.Tensor,
-               rejected_logps: torch.Tensor, generic: PreferenceLossOutput | None, user_idx: torch.Tensor) -> None:
-        out, generic, chosen_logps, rejected_logps, user_idx = gather_outputs(
-            accelerator, out, generic, chosen_logps, rejected_logps, user_idx)
-        self.finite = bool(torch.isfinite(out.losses).all())
-        logps = (chosen_logps, rejected_logps) if self.with_logps else (None, None)
-        self.window.append(batch_metrics(out, *logps, generic))
-        self.per_user.update(user_idx.cpu(), (out.chosen_rewards - out.rejected_rewards).cpu())
+    def update(self, out: PreferenceLossOutput, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+               generic: PreferenceLossOutput | None, user_idx: torch.Tensor) -> None:
+        self.has_generic = generic is not None
+        tensors = [*out, chosen_logps, rejected_logps, user_idx, *(generic if generic is not None else ())]
+        self.pending.append([t.detach() for t in tensors])
+        bad = ~torch.isfinite(out.losses.detach()).all()
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
 
-    def row(self) -> dict[str, float]:
+    def step_was_finite(self, accelerator) -> bool:
+        """Were all losses since the last call finite, on every process (the same answer everywhere)?"""
+        if self.nonfinite is None:
+            return True
+        bad, self.nonfinite = accelerator.gather(self.nonfinite.reshape(1)), None
+        return not bool(bad.any())
+
+    def flush(self, accelerator) -> None:
+        """Count the pending micro-batches: every process's rows of each, in process order (as `gather` orders
+        them). `gather`, not `gather_for_metrics`: the duplicates Accelerate pads into an uneven last batch are
+        trained on too, so the metrics describe exactly the examples the gradient saw."""
+        if not self.pending:
+            return
+        sizes = [len(batch[0]) for batch in self.pending]  # rows per micro-batch, the same on every process
+        columns = [accelerator.gather(torch.cat([batch[k] for batch in self.pending]).contiguous())
+                   for k in range(len(self.pending[0]))]  # each (P * sum(sizes),)
+        processes = columns[0].shape[0] // sum(sizes)
+        means, users, margins = [], [], []
+        at = 0
+        for size in sizes:  # micro-batch j = its rows of process 0, then of process 1, ...
+            mb = [c.view(processes, -1)[:, at:at + size].reshape(-1) for c in columns]
+            at += size
+            out, (chosen, rejected, user_idx) = PreferenceLossOutput(*mb[:3]), mb[3:6]
+            generic = PreferenceLossOutput(*mb[6:9]) if self.has_generic else None
+            logps = (chosen, rejected) if self.with_logps else (None, None)
+            means.append(batch_metrics(out, *logps, generic))
+            users.append(user_idx)
+            margins.append(out.chosen_rewards - out.rejected_rewards)
+        self.window += as_floats(means)
+        self.per_user.update(torch.cat(users).cpu(), torch.cat(margins).cpu())
+        self.pending = []
+
+    def row(self, accelerator) -> dict[str, float]:
         """Summarise and start a new logging window."""
+        self.flush(accelerator)
         row = {**mean_of(self.window), **self.per_user.summary("train_users")}
         self.window = []
         return row
 
-    def new_epoch(self) -> None:
+    def new_epoch(self, accelerator) -> None:
+        self.flush(accelerator)  # the ending epoch's micro-batches still count in the next row's window
         self.per_user = PerUserAccuracy()
 
     def state_dict(self) -> dict:
-        """The epoch's per-user counts (JSON), so a resumed run reports the same per-user accuracy."""
+        """The epoch's per-user counts (JSON), so a resumed run reports the same per-user accuracy; call `flush`
+        first."""
+        if self.pending:
+            raise RuntimeError("TrainMetrics.state_dict before flush: pending micro-batches would be lost")
         return {"correct": dict(self.per_user.correct), "total": dict(self.per_user.total)}
 
     def load_state_dict(self, state: dict) -> None:

@@ -5,7 +5,9 @@ through momentum (and weight decay) even when that user was not in the batch: a 
 silent change to other users. The user tables are therefore `nn.Embedding(sparse=True)`; for a sparse gradient
 this optimizer is a *lazy* AdamW: only the rows present are read and written, each row keeps its own step count
 (so its bias correction is the one it would have alone), and weight decay applies only when the row is updated.
-Dense parameters (LoRA, e_0, prototypes, up-projections) get the standard AdamW update.
+Dense parameters (LoRA, e_0, prototypes, up-projections) get torch's AdamW update, fused (one kernel for all of
+a group's tensors) where torch has a fused kernel for their device and dtype, else multi-tensor (foreach): no
+per-parameter Python loop and no host sync.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch.optim.adamw import adamw
 
 
 class RowSparseAdamW(torch.optim.Optimizer):
@@ -27,31 +30,33 @@ class RowSparseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            dense = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     self._sparse_step(p, group)
                 else:
-                    self._dense_step(p, group)
+                    dense.append(p)
+            if dense:
+                self._dense_step(dense, group)
         return loss
 
-    def _dense_step(self, p: torch.Tensor, group: dict) -> None:
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        t = state["step"].item()
-        grad = p.grad
-        if wd:
-            p.mul_(1 - lr * wd)
-        state["exp_avg"].lerp_(grad, 1 - b1)
-        state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(eps)
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+    def _dense_step(self, params: list[torch.Tensor], group: dict) -> None:
+        """torch's AdamW (its public functional form) on a group's dense parameters, all at once."""
+        (b1, b2), fused = group["betas"], fused_adamw_supported(params)
+        for p in params:  # the fused kernel reads the step count on p's device, the foreach one on the host
+            state, step_device = self.state[p], p.device if fused else torch.device("cpu")
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["step"].device != step_device:  # e.g. a checkpoint saved on another device
+                state["step"] = state["step"].to(step_device)
+        states = [self.state[p] for p in params]
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], foreach=not fused, fused=fused, amsgrad=False, beta1=b1, beta2=b2,
+              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     def _sparse_step(self, p: torch.Tensor, group: dict) -> None:
         """Lazy AdamW on the rows of a 2-D table that appear in the sparse gradient."""
@@ -85,3 +90,10 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     for g in grads:
         g.mul_(coef.to(g.device))  # for a sparse gradient this scales its stored values
     return total
+
+
+def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW needs every tensor on one device type it has a kernel for, in a floating dtype."""
+    devices = {p.device.type for p in params}
+    return (len(devices) == 1 and devices <= {"cpu", "cuda"}
+            and all(p.is_floating_point() and not p.is_complex() for p in params))
