@@ -23,6 +23,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from prlhf.bench.serve import Client
+from prlhf.config import ONBOARD_STEPS
 from prlhf.data.loading import load_records
 from prlhf.data.store import ComparisonStore
 from prlhf.data.tasks import build_style_task
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--after", type=int, default=10)
     parser.add_argument("--max-pairs", type=int, default=60, help="give up on a user after this many pairs")
+    parser.add_argument("--fit-steps", type=int, default=ONBOARD_STEPS,
+                        help=f"optimizer steps of each onboarding fit (the server's default, {ONBOARD_STEPS})")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +122,8 @@ def main() -> None:
     generic = evaluate_run(load_run(served), test)  # every new user on e_0
     store = ComparisonStore(f"sqlite:///{out}/work/feedback.db")
     server = PersonalizedServer(load_run(served), "loop", Limits(max_prompt_tokens=128, max_tokens=64),
-                                reload_interval=None, store=store, onboard_after=args.after)
+                                reload_interval=None, store=store, onboard_after=args.after,
+                                onboard_steps=args.fit_steps)
     new_users = task.unseen_users
     prompts = sorted({r.prompt for r in task.train})
     started = time.perf_counter()
@@ -137,7 +142,8 @@ def main() -> None:
     onboarded = [r["user"] for r in runs if r["seconds_to_own_row"] is not None]
     new_acc = [per_user[u]["accuracy"] for u in onboarded]
     waits = sorted(r["seconds_to_own_row"] for r in runs if r["seconds_to_own_row"] is not None)
-    result = {"task": TASK, "clients": args.clients, "after": args.after, "threads": args.threads,
+    result = {"task": TASK, "clients": args.clients, "after": args.after, "fit_steps": args.fit_steps,
+              "threads": args.threads,
               "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
               "wall_seconds": wall, "users": runs, "fits": fitted,
               "seen_mean": statistics.mean(seen), "seen_worst": min(seen),
@@ -153,10 +159,11 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         "# The loop, simulated: 20 new users onboarded live", "",
-        "Command: `python benchmarks/loop.py --out benchmarks/results/loop`", "",
+        f"Command: `python benchmarks/loop.py {' '.join(sys.argv[1:])}`", "",
         f"Style task (16 seen users, P-DPO individual, `prlhf train --model tiny`, default settings); 20 new users "
         f"with hidden profiles, {args.clients} concurrent HTTP clients, a pair per request (`compare`), the choice "
-        f"by the profile's surface markers, onboarding after {args.after} winning choices. {result['machine']}, "
+        f"by the profile's surface markers, onboarding after {args.after} winning choices ({args.fit_steps} fit steps). "
+        f"{result['machine']}, "
         f"{args.threads} threads, whole loop {wall:.0f} s.", "",
         "| | held-out accuracy (test topics) |", "|---|---|",
         f"| seen users (trained) | mean {result['seen_mean']:.3f}, worst {result['seen_worst']:.3f} |",

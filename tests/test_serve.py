@@ -334,6 +334,7 @@ def test_serve_refuses_bad_setups_in_one_line(runs, tmp_path, capsys):
              (["--run", str(runs["policy"]), "--api-key-file", str(empty)], "holds no key"),
              (["--run", str(runs["policy"]), "--api-key-file", str(tmp_path / "missing")], "cannot read"),
              (["--run", str(runs["policy"]), "--max-batch-size", "0"], "--max-batch-size"),
+             (["--run", str(runs["policy"]), "--onboard-steps", "0"], "--onboard-steps"),
              (["--run", str(tmp_path / "nothing")], "nothing")]
     for argv, fragment in cases:
         assert main(["serve", *argv]) == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prlhf.cli.common import set_threads
 from prlhf.cli.store_cmds import open_store
-from prlhf.config import ConfigError
+from prlhf.config import ONBOARD_STEPS, ConfigError
 
 DESCRIPTION = """Serve a policy run over OpenAI's API: /v1/models, /v1/completions, /v1/chat/completions (stream, n,
 max_tokens, temperature, top_p, seed, stop), /health and /metrics. A request's `user` field picks that user's soft
@@ -63,8 +63,9 @@ def cmd_serve(args) -> int:
     from prlhf.runs.directory import RunError, load_run
 
     set_threads(args.threads)
-    for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens_cap", "port", "onboard_after"):
-        if getattr(args, name) is not None and getattr(args, name) < (1 if name.startswith("max") else 0):
+    for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens_cap", "port", "onboard_after",
+                 "onboard_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name in ("port", "onboard_after") else 1):
             raise ConfigError(f"serve: --{name.replace('_', '-')} must be positive")
     keys = read_api_keys(args.api_key_file) if args.api_key_file else []
     run = load_run(args.run, device=args.device)
@@ -78,7 +79,7 @@ def cmd_serve(args) -> int:
                                 api_keys=keys, max_batch=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
                                 max_queue=args.max_queue, reload_interval=args.reload_interval or None,
                                 prefix_cache_bytes=int(args.prefix_cache_mb * 2 ** 20), store=store,
-                                onboard_after=args.onboard_after)
+                                onboard_after=args.onboard_after, onboard_steps=args.onboard_steps)
     logging.getLogger("prlhf").setLevel(logging.INFO)
     http = uvicorn.Server(uvicorn.Config(server.app(engine_thread=False), host=args.host, port=args.port,
                                          log_level=args.log_level, access_log=args.access_log))
@@ -140,6 +141,9 @@ def register(sub) -> None:
                    help="with --db: fit a new user's row (LM frozen, as prlhf adapt) once they have K comparisons "
                         "with a winner, and a known user's again after every K more; each fit is committed as a new "
                         "version and served (0: never; default 10)")
+    s.add_argument("--onboard-steps", type=int, default=ONBOARD_STEPS, metavar="N",
+                   help=f"optimizer steps of each such fit (default {ONBOARD_STEPS}, half of prlhf adapt's: the "
+                        "user waits for it; docs/serve.md has the accuracy it costs)")
     s.add_argument("--prefix-cache-mb", type=float, default=256.0,
                    help="memory for the KV of recent users' [BOS] + soft tokens, so their prefill covers the prompt "
                         "only (0: off; default 256)")

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from prlhf.config import ONBOARD_STEPS
 from prlhf.data.store import ComparisonStore
 from prlhf.data.tokenize import adds_bos, encode_prompt, prompt_text_with_user
 from prlhf.runs.directory import LoadedRun
@@ -69,7 +70,8 @@ class PersonalizedServer:
     def __init__(self, run: LoadedRun, model_name: str, limits: Limits = Limits(), reward: LoadedRun | None = None,
                  api_keys: Sequence[str] = (), max_batch: int = 32, batch_wait: float = 0.002,
                  max_queue: int = 256, reload_interval: float | None = 2.0, prefix_cache_bytes: int = 256 << 20,
-                 store: ComparisonStore | None = None, onboard_after: int | None = None):
+                 store: ComparisonStore | None = None, onboard_after: int | None = None,
+                 onboard_steps: int = ONBOARD_STEPS):
         self.run, self.model_name, self.limits, self.reward = run, model_name, limits, reward
         self.store = store  # where comparisons go (prlhf serve --db); None: no feedback routes
         self.api_keys = tuple(k.encode() for k in api_keys)
@@ -84,7 +86,8 @@ class PersonalizedServer:
         self.max_batch = max_batch
         self.reload_interval = reload_interval
         # fit a new user's row once they have `onboard_after` comparisons (prlhf.serve.refit)
-        self.onboarding = Onboarding(self, store, onboard_after) if store is not None and onboard_after else None
+        self.onboarding = (Onboarding(self, store, onboard_after, onboard_steps)
+                           if store is not None and onboard_after else None)
         self.bos = adds_bos(run.tokenizer)
         self.created = int(time.time())
         self._reward_lock = asyncio.Lock()

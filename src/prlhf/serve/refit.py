@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from prlhf.config import ONBOARD_STEPS
 from prlhf.data.store import ComparisonStore
 from prlhf.model.personalized import PersonalizedLM
 from prlhf.runs.directory import LoadedRun, RunError
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class Onboarding:
-    def __init__(self, server, store: ComparisonStore, after: int = 10, steps: int = 40):
+    def __init__(self, server, store: ComparisonStore, after: int = 10, steps: int = ONBOARD_STEPS):
         self.server, self.store, self.after, self.steps = server, store, after, steps
         self._queue: queue.Queue[str] = queue.Queue()
         self._pending: set[str] = set()
