@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prlhf.bench.speed import PRLHF_METHODS, WARMUP_STEPS, prepare
+from prlhf.bench.speed import (MAX_LENGTH, MAX_PROMPT_LENGTH, PRLHF_METHODS, logged_step_times, median_step,
+                               prepare)
 from prlhf.safe_io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,16 +44,14 @@ def train_once(src: Path, setup: dict, method: str, dtype: str, out: Path, threa
     cmd = [sys.executable, "-m", "prlhf", "train", "--data", setup["train"], "--out", str(out), "--model",
            setup["base"], "--user-model", kind, "--alpha", str(alpha), "--batch-size", str(setup["batch_size"]),
            "--max-steps", str(setup["steps"]), "--sft-steps", "0", "--lr", "1e-3", "--beta", "0.5",
-           "--log-steps", "1", "--save-steps", str(setup["steps"]), "--seed", "0", "--max-length", "1024",
-           "--max-prompt-length", "512", "--reference-cache", "none", "--report-to", "none", "--threads",
-           str(threads), "--mixed-precision", "bf16" if dtype == "bf16" else "no"]
+           "--log-steps", "1", "--save-steps", str(setup["steps"]), "--seed", "0", "--max-length", str(MAX_LENGTH),
+           "--max-prompt-length", str(MAX_PROMPT_LENGTH), "--reference-cache", "none", "--report-to", "none",
+           "--threads", str(threads), "--mixed-precision", "bf16" if dtype == "bf16" else "no"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=tree_env(src))
     if proc.returncode != 0:
         raise RuntimeError(f"{src.name} {method}: {proc.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    elapsed = [r["elapsed_s"] for r in rows]
-    steps = [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)]
-    return {"step_s": statistics.median(steps[WARMUP_STEPS:-1] or steps), "losses": [r["loss"] for r in rows]}
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"step_s": median_step(logged_step_times(out)), "losses": losses}
 
 
 def main() -> None:

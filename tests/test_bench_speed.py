@@ -3,8 +3,9 @@ and minutes, so it runs in `prlhf bench speed`, not here)."""
 
 import pytest
 
-from prlhf.bench.speed import (METHODS, PRLHF_METHODS, data_lengths, generation_speed, prepare, profile_step,
-                               ratios, render, step_time_by_users, summarise)
+from prlhf.bench.flops import ModelShape, flops_per_pair
+from prlhf.bench.speed import (METHODS, PRLHF_METHODS, USER_TOKENS, data_lengths, encoded_pairs, generation_speed,
+                               prepare, profile_step, ratios, render, step_time_by_users, summarise)
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +20,9 @@ def test_pieces_and_report(tmp_path):
     runs = {m: [{"pairs_per_s": 10.0 + i, "peak_rss_mb": 100.0, "wall_s": 1.0,
                  "init_s": 3.0 if m == "trl_dpo_precomputed" else 1.0, "reference_s": 0.5}]
             for i, m in enumerate(METHODS)}
-    lengths = data_lengths(setup)
-    block = summarise(runs, setup, lengths, "fp32")
+    base, pairs = encoded_pairs(setup)
+    lengths, shape = data_lengths(pairs), ModelShape.of(base, lora_r=8)
+    block = summarise(runs, setup, flops_per_pair(shape, pairs, METHODS, USER_TOKENS), shape, lengths, "fp32")
     assert block["reference_s"]["trl_dpo"] == 0 and block["reference_s"]["trl_dpo_precomputed"] == pytest.approx(2)
     n = setup["n_pairs"]
     assert block["end_to_end_pairs_per_s"]["prlhf_dpo"] == pytest.approx(n / (0.5 + n / 12.0))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from prlhf.bench.flops import ModelShape, flops_per_pair
 from prlhf.bench.machine import machine_summary
 from prlhf.safe_io import atomic_write_text, results_folder
 
@@ -41,6 +42,7 @@ MODELS = ("tiny", "smollm2-135m", "gemma3-270m")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT_TOKENS = (128, 256)  # realistic-length runs: prompts in this range
 USER_TOKENS = 1  # TrainConfig's default T_u
+MAX_LENGTH, MAX_PROMPT_LENGTH = 1024, 512  # above every bench text: neither trainer truncates
 
 # what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
 OUTPUTS = ("speed.json", "speed.md")
@@ -109,9 +111,15 @@ def _prepare_real(work: Path, model: str, quick: bool, seed: int) -> dict:
 
 # ---- workers (one process each) -----------------------------------------------------------------------------
 
-def _median_step(times: list[float]) -> float:
+def median_step(times: list[float]) -> float:
     steady = times[WARMUP_STEPS:-1] or times
     return statistics.median(steady)
+
+
+def logged_step_times(run: Path) -> list[float]:
+    """Each optimizer step's seconds, from a run's metrics.jsonl logged every step."""
+    elapsed = [json.loads(line)["elapsed_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)]
 
 
 def worker_trl(setup: dict, out: Path, precompute: bool, dtype: str) -> dict:
@@ -132,7 +140,7 @@ def worker_trl(setup: dict, out: Path, precompute: bool, dtype: str) -> dict:
 
     args = DPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=setup["batch_size"],
                      max_steps=setup["steps"], learning_rate=1e-3, beta=0.5, logging_steps=10 ** 6,
-                     save_strategy="no", report_to="none", max_length=1024, seed=0, use_cpu=True,
+                     save_strategy="no", report_to="none", max_length=MAX_LENGTH, seed=0, use_cpu=True,
                      dataloader_num_workers=0, bf16=dtype == "bf16", precompute_ref_log_probs=precompute)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     built = time.perf_counter()
@@ -143,7 +151,7 @@ def worker_trl(setup: dict, out: Path, precompute: bool, dtype: str) -> dict:
     steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
     # the constructor tokenizes and (precomputed) runs the reference pass: the difference of the two variants'
     # constructor times is that pass (run_speed_bench)
-    return {"step_s": _median_step(steps), "wall_s": time.perf_counter() - built, "init_s": start - built}
+    return {"step_s": median_step(steps), "wall_s": time.perf_counter() - built, "init_s": start - built}
 
 
 def worker_prlhf(setup: dict, out: Path, user_model: str, alpha: float, dtype: str) -> dict:
@@ -155,11 +163,10 @@ def worker_prlhf(setup: dict, out: Path, user_model: str, alpha: float, dtype: s
     summary = train(TrainConfig(
         data=setup["train"], out=str(run), model=setup["base"], user_model=user_model, alpha=alpha,
         batch_size=setup["batch_size"], max_steps=setup["steps"], sft_steps=0, lr=1e-3, beta=0.5, log_steps=1,
-        save_steps=setup["steps"], seed=0, max_length=1024, max_prompt_length=512, reference_cache="none",
-        mixed_precision="bf16" if dtype == "bf16" else "no", report_to="none"), show_progress=False)
-    elapsed = [json.loads(line)["elapsed_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)]
-    return {"step_s": _median_step(steps), "wall_s": time.perf_counter() - start,
+        save_steps=setup["steps"], seed=0, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+        reference_cache="none", mixed_precision="bf16" if dtype == "bf16" else "no", report_to="none"),
+        show_progress=False)
+    return {"step_s": median_step(logged_step_times(run)), "wall_s": time.perf_counter() - start,
             "reference_s": summary["reference_seconds"]}
 
 
@@ -286,8 +293,8 @@ def profile_step(setup: dict, dtype: str, steps: int = 2) -> dict[str, float]:
 
     torch.manual_seed(0)
     base, tok = load_base(setup["base"])
-    pairs = encode_records(load_records(setup["train"])[:setup["batch_size"]], tok, max_length=1024,
-                           max_prompt_length=512)
+    pairs = encode_records(load_records(setup["train"])[:setup["batch_size"]], tok, max_length=MAX_LENGTH,
+                           max_prompt_length=MAX_PROMPT_LENGTH)
     um = build_user_model("individual", 10, USER_TOKENS, base.config.hidden_size, init="uniform", sparse=True)
     model = PersonalizedLM(add_lora(base), um, prefix_len=int(adds_bos(tok))).train()
     opt = RowSparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -325,8 +332,10 @@ def run_speed_bench(out: Path, quick: bool = False, threads: int = 2, model: str
                     runs[dtype][method].append(r)
                     print(f"[{repeat + 1}/{setup['repeats']}] {dtype} {method}: {r['pairs_per_s']:.2f} pairs/s, "
                           f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-        lengths = data_lengths(setup)
-        by_dtype = {d: summarise(runs[d], setup, lengths, d) for d in dtypes}
+        base, pairs = encoded_pairs(setup)
+        lengths, shape = data_lengths(pairs), ModelShape.of(base, lora_r=8)
+        flops = flops_per_pair(shape, pairs, METHODS, USER_TOKENS)
+        by_dtype = {d: summarise(runs[d], setup, flops, shape, lengths, d) for d in dtypes}
         result = {"model": model, "dtype": dtypes[0], **by_dtype[dtypes[0]], "by_dtype": by_dtype}
         if model == "tiny":
             result |= {"step_s_by_users": step_time_by_users(setup, setup["users"], sparse=True),
@@ -343,15 +352,19 @@ def run_speed_bench(out: Path, quick: bool = False, threads: int = 2, model: str
         return result
 
 
-def data_lengths(setup: dict) -> dict:
-    """Token counts of the bench's pairs as prlhf encodes them (min / median / max)."""
+def encoded_pairs(setup: dict):
+    """The bench's base model and its pairs as prlhf encodes them (what the lengths and FLOPs are counted on)."""
     from prlhf.data.loading import load_records
     from prlhf.data.tokenize import encode_records
     from prlhf.model.loading import load_base
 
-    _, tok = load_base(setup["base"])
-    pairs = encode_records(load_records(setup["train"]), tok, max_length=1024, max_prompt_length=512)
+    base, tok = load_base(setup["base"])
+    return base, encode_records(load_records(setup["train"]), tok, max_length=MAX_LENGTH,
+                                max_prompt_length=MAX_PROMPT_LENGTH)
 
+
+def data_lengths(pairs) -> dict:
+    """Token counts of the encoded pairs (min / median / max)."""
     def span(xs):
         return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
 
@@ -359,12 +372,10 @@ def data_lengths(setup: dict) -> dict:
             "response": span([len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)])}
 
 
-def summarise(runs: dict[str, list[dict]], setup: dict, lengths: dict, dtype: str) -> dict:
-    """Medians over repeats, end-to-end rates, model FLOPs and the share of the matmul peak, for one dtype."""
-    from prlhf.bench.flops import ModelShape, flops_per_pair, matmul_rates
-    from prlhf.data.loading import load_records
-    from prlhf.data.tokenize import encode_records
-    from prlhf.model.loading import load_base
+def summarise(runs: dict[str, list[dict]], setup: dict, flops: dict, shape, lengths: dict, dtype: str) -> dict:
+    """Medians over repeats, end-to-end rates and the share of the matmul peak, for one dtype; `flops`:
+    flops_per_pair of the bench's pairs, `shape` their model's ModelShape."""
+    from prlhf.bench.flops import matmul_rates
 
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("pairs_per_s", "peak_rss_mb", "wall_s")}
            for m, rs in runs.items()}
@@ -377,15 +388,12 @@ def summarise(runs: dict[str, list[dict]], setup: dict, lengths: dict, dtype: st
     per_step = {m: med[m]["pairs_per_s"] for m in METHODS}
     end_to_end = {m: n / (reference_s[m] + n / per_step[m]) for m in METHODS}
 
-    base, tok = load_base(setup["base"])
-    pairs = encode_records(load_records(setup["train"]), tok, max_length=1024, max_prompt_length=512)
-    shape = ModelShape.of(base, lora_r=8)
-    flops = flops_per_pair(shape, pairs, METHODS, USER_TOKENS)
     tokens = setup["batch_size"] * round(lengths["prompt"]["median"] + 2 * lengths["response"]["median"])
     rates = matmul_rates(shape, tokens, DTYPES[dtype])
     peak = max(rates.values())
     return {"pairs_per_s": per_step, "end_to_end_pairs_per_s": end_to_end, "reference_s": reference_s,
-            "peak_rss_mb": {m: med[m]["peak_rss_mb"] for m in METHODS}, "wall_s": {m: med[m]["wall_s"] for m in METHODS},
+            "peak_rss_mb": {m: med[m]["peak_rss_mb"] for m in METHODS},
+            "wall_s": {m: med[m]["wall_s"] for m in METHODS},
             "flops_per_pair": flops, "matmul_flops_by_shape": rates, "matmul_peak_flops": peak,
             "peak_share": {m: flops[m]["step"] * per_step[m] / peak for m in METHODS}}
 

@@ -84,12 +84,10 @@ class TrainMetrics:
         self.window: list[dict[str, float]] = []  # one entry per micro-batch of the logging window
         self.per_user, self.with_logps = PerUserAccuracy(), with_logps
         self.pending: list[list[torch.Tensor]] = []  # per micro-batch: this process's per-example tensors
-        self.has_generic = False
         self.nonfinite: torch.Tensor | None = None  # on the device: a loss of this optimizer step was not finite
 
     def update(self, out: PreferenceLossOutput, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
                generic: PreferenceLossOutput | None, user_idx: torch.Tensor) -> None:
-        self.has_generic = generic is not None
         tensors = [*out, chosen_logps, rejected_logps, user_idx, *(generic if generic is not None else ())]
         self.pending.append([t.detach() for t in tensors])
         bad = ~torch.isfinite(out.losses.detach()).all()
@@ -118,7 +116,7 @@ class TrainMetrics:
             mb = [c.view(processes, -1)[:, at:at + size].reshape(-1) for c in columns]
             at += size
             out, (chosen, rejected, user_idx) = PreferenceLossOutput(*mb[:3]), mb[3:6]
-            generic = PreferenceLossOutput(*mb[6:9]) if self.has_generic else None
+            generic = PreferenceLossOutput(*mb[6:9]) if len(mb) > 6 else None  # alpha < 1 keeps 9 tensors
             logps = (chosen, rejected) if self.with_logps else (None, None)
             means.append(batch_metrics(out, *logps, generic))
             users.append(user_idx)
