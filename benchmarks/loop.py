@@ -35,6 +35,7 @@ from prlhf.config import ONBOARD_STEPS
 from prlhf.data.loading import load_records
 from prlhf.data.store import ComparisonStore
 from prlhf.data.tasks import build_style_task
+from prlhf.demo import DEMO_SFT_STEPS
 from prlhf.data.tasks.style import (CASUAL_OPENERS, FORMAL_BLUNT_CLOSES, FORMAL_OPENERS, FORMAL_WARM_CLOSES,
                                     FORMAL_WARM_OPENS)
 from prlhf.evaluate.run_eval import evaluate_run
@@ -100,19 +101,25 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--after", type=int, default=10)
     parser.add_argument("--max-pairs", type=int, default=60, help="give up on a user after this many pairs")
+    parser.add_argument("--sft-steps", type=int, default=-1,
+                        help="warm-up steps of the served run (-1: `prlhf train`'s default, none for the tiny "
+                             f"model; `prlhf demo` takes {DEMO_SFT_STEPS} so that its model writes)")
+    parser.add_argument("--seed", type=int, default=0, help="the style task's seed (0 is the one reported)")
     parser.add_argument("--fit-steps", type=int, default=ONBOARD_STEPS,
                         help=f"optimizer steps of each onboarding fit (the server's default, {ONBOARD_STEPS})")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    task = build_style_task(**TASK)
-    data, run_dir = out / "work" / "data", out / "work" / "run"
+    spec = {**TASK, "seed": args.seed}
+    task = build_style_task(**spec)
+    data, run_dir = out / "work" / "data", out / "work" / f"run_seed{args.seed}_sft{args.sft_steps}"
     task.write(data, overwrite=True)
     if not (run_dir / "run.json").is_file():
         started = time.time()
         subprocess.run(["prlhf", "train", "--data", str(data / "train.jsonl"), "--out", str(run_dir), "--model",
-                        "tiny", "--threads", str(args.threads), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+                        "tiny", "--sft-steps", str(args.sft_steps), "--threads", str(args.threads),
+                        "--quiet"], check=True, stdout=subprocess.DEVNULL)
         print(f"trained in {time.time() - started:.0f} s")
     (out / "work" / "feedback.db").unlink(missing_ok=True)
     served = out / "work" / "served"
@@ -142,7 +149,7 @@ def main() -> None:
     onboarded = [r["user"] for r in runs if r["seconds_to_own_row"] is not None]
     new_acc = [per_user[u]["accuracy"] for u in onboarded]
     waits = sorted(r["seconds_to_own_row"] for r in runs if r["seconds_to_own_row"] is not None)
-    result = {"task": TASK, "clients": args.clients, "after": args.after, "fit_steps": args.fit_steps,
+    result = {"task": spec, "sft_steps": args.sft_steps, "clients": args.clients, "after": args.after, "fit_steps": args.fit_steps,
               "threads": args.threads,
               "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
               "wall_seconds": wall, "users": runs, "fits": fitted,

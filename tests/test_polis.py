@@ -311,3 +311,10 @@ def test_cli_offers_the_builders_held_out_choices() -> None:
     from prlhf.data.tasks import polis
 
     assert polis_cmds.HELD_OUT == polis.HELD_OUT  # written out in the CLI to keep its start-up light
+
+
+def test_bench_sizes_take_zero_as_a_size() -> None:
+    """--new-participants 0 means none: it used to fall back to the preset's 32 (0 read as 'not given')."""
+    assert polis_bench.bench_size(False, adapt_users=0).adapt_users == 0
+    assert polis_bench.bench_size(False, adapt_users=None) == polis_bench.FULL
+    assert polis_bench.bench_size(True, epochs=3.0).epochs == 3.0

@@ -76,6 +76,11 @@ METHODS: dict[str, tuple[dict, bool]] = {**{name: (o, False) for name, o in _SHA
 ADAPTED_METHOD = "p_dpo_individual"
 
 
+def bench_size(quick: bool, **given) -> PolisSize:
+    """QUICK or FULL with the sizes the caller gave (None = the preset's; 0 is a size: no new participants)."""
+    return replace(QUICK if quick else FULL, **{k: v for k, v in given.items() if v is not None})
+
+
 def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
                     conversations: Sequence[str] | None = None, quick: bool = False, seed: int = 0,
                     methods: Sequence[str] | None = None, epochs: float | None = None,
@@ -98,10 +103,8 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
         train_options = {**QUICK_TINY_TRAIN_DEFAULTS, **{k: v for k, v in train_options.items() if v is not None}}
     options = bench_train_options(model, train_options, device)
     torch.set_num_threads(options["threads"])
-    size = QUICK if quick else FULL
-    size = replace(size, **{k: v for k, v in (("epochs", epochs), ("train_pairs_per_user", train_pairs_per_user),
-                                              ("test_pairs_per_user", test_pairs_per_user),
-                                              ("adapt_users", adapt_users_n), ("adapt_k", adapt_k)) if v})
+    size = bench_size(quick, epochs=epochs, train_pairs_per_user=train_pairs_per_user,
+                      test_pairs_per_user=test_pairs_per_user, adapt_users=adapt_users_n, adapt_k=adapt_k)
     chosen = list(methods or METHODS)
     unknown = [m for m in chosen if m not in METHODS]
     if unknown:
