@@ -14,6 +14,9 @@ pairs each user needed, and the seconds from a user's 10th winning choice to a r
 (median and worst; target <= 10 s on 2 cores).
 
     python benchmarks/loop.py --out benchmarks/results/loop
+
+`--seed` builds the style task of another seed (to try settings on users no report uses) and `--sft-steps`
+warms the served run up first (the probes in benchmarks/results/loop_probes).
 """
 
 from __future__ import annotations
@@ -167,7 +170,8 @@ def main() -> None:
     lines = [
         "# The loop, simulated: 20 new users onboarded live", "",
         f"Command: `python benchmarks/loop.py {' '.join(sys.argv[1:])}`", "",
-        f"Style task (16 seen users, P-DPO individual, `prlhf train --model tiny`, default settings); 20 new users "
+        f"Style task (seed {args.seed}, 16 seen users, P-DPO individual, `prlhf train --model tiny`, "
+        f"{'default settings' if args.sft_steps < 0 else f'--sft-steps {args.sft_steps}'}); 20 new users "
         f"with hidden profiles, {args.clients} concurrent HTTP clients, a pair per request (`compare`), the choice "
         f"by the profile's surface markers, onboarding after {args.after} winning choices ({args.fit_steps} fit steps). "
         f"{result['machine']}, "
