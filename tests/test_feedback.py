@@ -271,6 +271,44 @@ def test_a_new_user_is_onboarded_live_after_k_comparisons(policy_dir, tmp_path):
     assert "newcomer" in table.registry and json.loads((run_dir / "run.json").read_text())["version"] == "v3"
 
 
+def test_a_fit_that_loses_the_race_to_another_writer_is_fitted_again(policy_dir, tmp_path, monkeypatch):
+    """Another writer (a second server on the run, `prlhf users`) commits while a new user is being fitted: the
+    fit is not committed over that change but done again on the moved run, with no further comparison needed."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(policy_dir, run_dir)
+    store = ComparisonStore(f"sqlite:///{tmp_path}/feedback.db")
+    server = PersonalizedServer(load_run(run_dir), "tiny", Limits(max_prompt_tokens=64, max_tokens=16),
+                                reload_interval=None, store=store, onboard_after=3)
+    other = load_run(run_dir).registry.user_ids[0]
+    commit, bases = server.onboarding._commit, []
+
+    def racing_commit(table, based_on, users):
+        bases.append(based_on)
+        if len(bases) == 1:  # the other writer gets in first
+            assert main(["users", "delete", "--run", str(run_dir), "--user", other]) == 0
+        return commit(table, based_on, users)
+
+    monkeypatch.setattr(server.onboarding, "_commit", racing_commit)
+    records = load_records(policy_dir.parent / "data" / "test.jsonl")
+    mine = [r for r in records if r.user_id == records[0].user_id][:3]
+    with running(server) as url:
+        http = httpx.Client(base_url=url)
+        for r in mine:
+            http.post("/v1/feedback", json={"user": "newcomer", "prompt": r.prompt, "chosen": r.chosen,
+                                            "rejected": r.rejected}).raise_for_status()
+        deadline = time.monotonic() + 60
+        while server.onboarding.status("newcomer") != "active":
+            assert time.monotonic() < deadline, "not onboarded within 60 s after losing the race"
+            time.sleep(0.1)
+    store.close()
+    assert bases == ["v1", "v2"]  # fitted on v1, lost to the delete (v2), fitted again on v2
+    final = load_run(run_dir)
+    assert "newcomer" in final.registry and other not in final.registry  # neither change undoes the other
+    assert json.loads((run_dir / "run.json").read_text())["version"] == "v3"
+
+
 def test_tokens_act_as_their_user_only_and_admin_calls_need_the_key(policy_dir, tmp_path):
     import shutil
 

@@ -7,9 +7,9 @@
   fit_rows, the same steps and rate).
 
 Each fit is committed as a new version of the served run, under the run's lock and only if the run has not moved
-since the fit began, then swapped into the server; the user's next request gets the new row. One fit runs at a
-time; users who become due while it runs are fitted together in the next one (each row learns from its own
-user's pairs only). The server keeps answering meanwhile (the fit shares its CPU), except during the fit's
+since the fit began (else fitted again on the run as it now is, up to COMMIT_ATTEMPTS times), then swapped into
+the server; the user's next request gets the new row. One fit runs at a time; users who become due while it
+runs are fitted together in the next one (each row learns from its own user's pairs only). The server keeps answering meanwhile (the fit shares its CPU), except during the fit's
 reference pass, which turns the shared LM's adapters off and so borrows the LM from the engine (`lm_gate`).
 """
 
@@ -30,6 +30,9 @@ from prlhf.runs.users import UserTable, changing_run, commit_user_table, table_f
 from prlhf.users.registry import UserRegistry
 
 logger = logging.getLogger(__name__)
+
+COMMIT_ATTEMPTS = 3  # fits of one batch of users whose commit loses a race; after that, their next comparison
+RETRY_PAUSE_S = 0.5  # x the attempt number, before fitting again
 
 
 class Onboarding:
@@ -90,14 +93,21 @@ class Onboarding:
             if not users:
                 continue
             try:
-                self._fit(users)
+                # A fit whose commit lost a race (another server on this run committed first, or `prlhf users`
+                # held the run) is fitted again on the run as it is now: the user's 10th comparison may be
+                # their last for a while, and they must not wait for another one.
+                for attempt in range(COMMIT_ATTEMPTS):
+                    if self._fit(users) or self._stop.is_set():
+                        break
+                    self._stop.wait(RETRY_PAUSE_S * (attempt + 1))
             except Exception:  # a failed fit must not stop onboarding; the next comparison queues it again
                 logger.exception("fitting %s failed", users)
             finally:
                 with self._lock:
                     self._pending.difference_update(users)
 
-    def _fit(self, users: list[str]) -> None:
+    def _fit(self, users: list[str]) -> bool:
+        """Fit and commit `users`' rows; False when the commit did not happen (the run moved, or was held)."""
         started = time.perf_counter()
         snapshot = self.server.users.snapshot()
         records = {u: [r for c in self.store.of_user(u, limit=100_000) if (r := c.record()) is not None
@@ -115,13 +125,17 @@ class Onboarding:
         for user in deleted:
             table = table_without(table, user)
         fitted = [u for u in records if u not in deleted]
-        if fitted and self._commit(table, snapshot.version, fitted):
-            seconds, version = time.perf_counter() - started, self.server.users.snapshot().version
-            for user in fitted:
-                self.fitted[user] = {"seconds": seconds, "pairs": len(records[user]), "fitted_with": len(fitted),
-                                     "version": version, "refit": user in known}
-                self.server.metrics.onboarding.observe(seconds)
-            logger.info("fitted %s (new: %s) in %.1f s (version %s)", fitted, new, seconds, version)
+        if not fitted:
+            return True  # nothing left to commit
+        if not self._commit(table, snapshot.version, fitted):
+            return False
+        seconds, version = time.perf_counter() - started, self.server.users.snapshot().version
+        for user in fitted:  # seconds: of the fit that was committed
+            self.fitted[user] = {"seconds": seconds, "pairs": len(records[user]), "fitted_with": len(fitted),
+                                 "version": version, "refit": user in known}
+            self.server.metrics.onboarding.observe(seconds)
+        logger.info("fitted %s (new: %s) in %.1f s (version %s)", fitted, new, seconds, version)
+        return True
 
     def _view(self, table: UserTable) -> LoadedRun:
         """The served LM with the user table being fitted (the run's own may have been replaced by reloads)."""
@@ -162,13 +176,13 @@ class Onboarding:
                 # Another writer (another server on this run, `prlhf users ...`) committed during the fit: the
                 # table fitted here lacks its change, so committing it would undo that. Fit again on the new one.
                 if current.version != based_on:
-                    logger.info("fitting %s: the run moved to %s during the fit; the next comparison retries",
-                                users, current.version)
+                    logger.info("fitting %s: the run moved to %s during the fit; fitting again", users,
+                                current.version)
                     self.server.users.reload_if_changed()
                     return False
                 commit_user_table(current, table, "serve onboarding")
         except RunError as exc:  # e.g. `prlhf users ...` holds the run's lock right now
-            logger.warning("fitting %s: could not commit (%s); the next comparison retries", users, exc)
+            logger.warning("fitting %s: could not commit (%s); trying again shortly", users, exc)
             return False
         self.server.users.reload_if_changed()
         return True
