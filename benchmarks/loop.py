@@ -152,7 +152,8 @@ def main() -> None:
     onboarded = [r["user"] for r in runs if r["seconds_to_own_row"] is not None]
     new_acc = [per_user[u]["accuracy"] for u in onboarded]
     waits = sorted(r["seconds_to_own_row"] for r in runs if r["seconds_to_own_row"] is not None)
-    result = {"task": spec, "sft_steps": args.sft_steps, "clients": args.clients, "after": args.after, "fit_steps": args.fit_steps,
+    result = {"task": spec, "sft_steps": args.sft_steps, "clients": args.clients, "after": args.after,
+              "fit_steps": args.fit_steps,
               "threads": args.threads,
               "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
               "wall_seconds": wall, "users": runs, "fits": fitted,

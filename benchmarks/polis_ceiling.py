@@ -185,11 +185,11 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for cap, res in results.items():
         m, new = res["test"]["methods"], res["test"]["new_participants"]
+        ind, gain = m["individual"], m["individual"]["seen_mean"] - m["consensus"]["seen_mean"]
         lines.append(f"| {cap} | {m['consensus']['seen_mean']:.3f} | {m['groups']['seen_mean']:.3f} "
-                     f"(rank {m['groups']['rank']}) | {m['individual']['seen_mean']:.3f} (rank {m['individual']['rank']}"
-                     f", L2 {m['individual']['l2']:g}) | {m['individual']['seen_mean'] - m['consensus']['seen_mean']:+.3f}"
-                     f" | {m['individual']['unseen_mean']:.3f} | {new['mean_generic']:.3f} / {new['mean_fitted']:.3f}"
-                     f" ({new['n_users']} participants) |")
+                     f"(rank {m['groups']['rank']}) | {ind['seen_mean']:.3f} (rank {ind['rank']}, L2 {ind['l2']:g}) "
+                     f"| {gain:+.3f} | {ind['unseen_mean']:.3f} | {new['mean_generic']:.3f} / "
+                     f"{new['mean_fitted']:.3f} ({new['n_users']} participants) |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for res in results.values():

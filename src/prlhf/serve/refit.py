@@ -9,8 +9,9 @@
 Each fit is committed as a new version of the served run, under the run's lock and only if the run has not moved
 since the fit began (else fitted again on the run as it now is, up to COMMIT_ATTEMPTS times), then swapped into
 the server; the user's next request gets the new row. One fit runs at a time; users who become due while it
-runs are fitted together in the next one (each row learns from its own user's pairs only). The server keeps answering meanwhile (the fit shares its CPU), except during the fit's
-reference pass, which turns the shared LM's adapters off and so borrows the LM from the engine (`lm_gate`).
+runs are fitted together in the next one (each row learns from its own user's pairs only). The server keeps
+answering meanwhile (the fit shares its CPU), except during the fit's reference pass, which turns the shared
+LM's adapters off and so borrows the LM from the engine (`lm_gate`).
 """
 
 from __future__ import annotations
