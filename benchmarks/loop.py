@@ -38,9 +38,9 @@ from prlhf.config import ONBOARD_STEPS
 from prlhf.data.loading import load_records
 from prlhf.data.store import ComparisonStore
 from prlhf.data.tasks import build_style_task
-from prlhf.demo import DEMO_SFT_STEPS
 from prlhf.data.tasks.style import (CASUAL_OPENERS, FORMAL_BLUNT_CLOSES, FORMAL_OPENERS, FORMAL_WARM_CLOSES,
                                     FORMAL_WARM_OPENS)
+from prlhf.demo import DEMO_SFT_STEPS
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.runs.directory import load_run
 from prlhf.serve.app import Limits, PersonalizedServer

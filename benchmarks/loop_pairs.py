@@ -33,12 +33,14 @@ from prlhf.data.tasks import build_style_task
 from prlhf.evaluate.generation import generate_texts
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.runs.directory import load_run
+from prlhf.safe_io import atomic_write_text, results_folder, results_folder_problem
 from prlhf.train.adapt import adapt_users
 
 SOURCES = ("task", "generic", "generic_seen", "seen_pairs")
 GENERIC = "__generic__"  # an id no run knows: the generic user
 CANDIDATE_PAIRS = 40
 CHOICES = 10
+OUTPUTS = ("results.json", "results.md")
 
 
 def sampled_choices(run, task, source: str, seed: int) -> tuple[list[PreferenceRecord], int]:
@@ -74,6 +76,18 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    problem = results_folder_problem(Path(args.out), "loop_pairs", OUTPUTS)  # before the work, as one line
+    if problem:
+        parser.error(f"--out {args.out} {problem}")
+    with results_folder(Path(args.out), "loop_pairs", OUTPUTS) as out:
+        result, lines = measure(args)
+        atomic_write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
+        atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def measure(args) -> tuple[dict, list[str]]:
+    """Every source's fit and scores, and the report's lines."""
     torch.set_num_threads(args.threads)
     task = build_style_task(**{**TASK, "seed": args.seed})
     run = load_run(args.run)
@@ -83,7 +97,7 @@ def main() -> None:
     seen = evaluate_run(run, [r for r in task.test if r.user_id not in unseen])["per_user"]
     result = {"run": args.run, "seed": args.seed, "fit_steps": ONBOARD_STEPS, "candidate_pairs": CANDIDATE_PAIRS,
               "seen_mean": statistics.mean(v["accuracy"] for v in seen.values()),
-              "generic_mean": statistics.mean(v["accuracy"] for u, v in evaluate_run(run, scored)["per_user"].items()),
+              "generic_mean": statistics.mean(v["accuracy"] for v in evaluate_run(run, scored)["per_user"].values()),
               "sources": {}}
     for source in SOURCES:
         if source == "task":
@@ -106,11 +120,7 @@ def main() -> None:
     for source, r in result["sources"].items():
         lines.append(f"| {source} | {r['new_mean']:.3f} / {r['new_worst']:.3f} | "
                      f"{r['new_mean'] / result['seen_mean']:.2f}x | {r['ties']} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return result, lines
 
 
 if __name__ == "__main__":

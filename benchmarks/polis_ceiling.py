@@ -29,32 +29,43 @@ from pathlib import Path
 import torch
 
 from prlhf.data.tasks import build_polis_task
+from prlhf.safe_io import atomic_write_text, results_folder, results_folder_problem
 
 CONVERSATION = "american-assembly.bowling-green"
 RANKS = (2, 8)
 L2 = (0.01, 0.1, 1.0, 10.0, 100.0)
 STEPS = 300
 NEW_USER_PAIRS = 10  # the bench's new participants' pairs
+OUTPUTS = ("results.json", "report.md")
+
+
+def descend(pairs: torch.Tensor, b: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor | None,
+            trained: list[torch.Tensor], l2: float) -> None:
+    """Full-batch Adam on the pairwise logistic loss of s_u(x) = b_x (+ p_u . q_x), plus l2 * |trained|^2 per
+    pair; moves the tensors in `trained` (the others stay as they are)."""
+    opt = torch.optim.Adam(trained, lr=0.05)
+    u, c, r = pairs.unbind(1)
+    for _ in range(STEPS):
+        margin = b[c] - b[r]
+        if p is not None:
+            margin = margin + (p[u] * (q[c] - q[r])).sum(-1)
+        loss = torch.nn.functional.softplus(-margin).mean() + l2 * sum((t ** 2).sum() for t in trained) / len(pairs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 def fit(train: torch.Tensor, n_users: int, n_items: int, kind: str, rank: int, l2: float, seed: int):
-    """Full-batch Adam on the pairwise logistic loss; returns a scorer (u, x) -> s_u(x)."""
+    """Every parameter fitted on the training pairs; returns (b, (q, p)), or (b, None) for the consensus."""
     gen = torch.Generator().manual_seed(seed)
     b = torch.zeros(n_items, requires_grad=True)
     q = (0.1 * torch.randn(n_items, rank, generator=gen)).requires_grad_(kind != "consensus")
     p = (0.1 * torch.randn(n_users, rank, generator=gen)).requires_grad_(kind != "consensus")
-    params = [b] + ([q, p] if kind != "consensus" else [])
-    opt = torch.optim.Adam(params, lr=0.05)
-    u, c, r = train.unbind(1)
-    for _ in range(STEPS):
-        margin = b[c] - b[r]
-        if kind != "consensus":
-            margin = margin + (p[u] * (q[c] - q[r])).sum(-1)
-        loss = torch.nn.functional.softplus(-margin).mean() + l2 * sum((t ** 2).sum() for t in params) / len(train)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return b.detach(), (q.detach(), p.detach()) if kind != "consensus" else None
+    if kind == "consensus":
+        descend(train, b, None, None, [b], l2)
+        return b.detach(), None
+    descend(train, b, q, p, [b, q, p], l2)
+    return b.detach(), (q.detach(), p.detach())
 
 
 def fit_new_users(model, pairs: torch.Tensor, n_new: int, l2: float, seed: int) -> torch.Tensor:
@@ -63,14 +74,7 @@ def fit_new_users(model, pairs: torch.Tensor, n_new: int, l2: float, seed: int) 
     b, (q, _) = model
     gen = torch.Generator().manual_seed(seed)
     p = (0.1 * torch.randn(n_new, q.shape[1], generator=gen)).requires_grad_(True)
-    opt = torch.optim.Adam([p], lr=0.05)
-    u, c, r = pairs.unbind(1)
-    for _ in range(STEPS):
-        margin = b[c] - b[r] + (p[u] * (q[c] - q[r])).sum(-1)
-        loss = torch.nn.functional.softplus(-margin).mean() + l2 * (p ** 2).sum() / len(pairs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    descend(pairs, b, q, p, [p], l2)
     return p.detach()
 
 
@@ -167,6 +171,18 @@ def main() -> None:
     parser.add_argument("--test-pairs-per-user", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    problem = results_folder_problem(Path(args.out), "polis_ceiling", OUTPUTS)  # before the work, as one line
+    if problem:
+        parser.error(f"--out {args.out} {problem}")
+    with results_folder(Path(args.out), "polis_ceiling", OUTPUTS) as out:
+        results, lines = measure(args)
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+        atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def measure(args) -> tuple[dict, list[str]]:
+    """Each cap's validation choice and test scores (per-participant lists dropped), and the report's lines."""
     started = time.time()
     results = {}
     for cap in (int(c) for c in args.caps.split(",")):
@@ -190,15 +206,11 @@ def main() -> None:
                      f"(rank {m['groups']['rank']}) | {ind['seen_mean']:.3f} (rank {ind['rank']}, L2 {ind['l2']:g}) "
                      f"| {gain:+.3f} | {ind['unseen_mean']:.3f} | {new['mean_generic']:.3f} / "
                      f"{new['mean_fitted']:.3f} ({new['n_users']} participants) |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for res in results.values():
         for part in ("validation", "test"):
             for m in res[part]["methods"].values():
                 m.pop("per_user")
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return results, lines
 
 
 if __name__ == "__main__":
