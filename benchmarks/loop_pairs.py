@@ -11,6 +11,8 @@ the user's held-out test pairs (content-disjoint topics). Candidate sources:
 - generic:      both candidates sampled under the generic user (what the server does today)
 - generic_seen: one under the generic user, one under a random seen user's row
 - seen_pairs:   each under a different random seen user's row
+- divisive:     the 20 training pairs that split the run's seen users most (prlhf.train.onboard_pairs), the
+                same 20 for every new user, who answers them in order
 
     python benchmarks/loop_pairs.py --run RUN_DIR --seed 2 --out OUT
 """
@@ -35,11 +37,13 @@ from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.runs.directory import load_run
 from prlhf.safe_io import atomic_write_text, results_folder, results_folder_problem
 from prlhf.train.adapt import adapt_users
+from prlhf.train.onboard_pairs import choose_onboarding_pairs
 
-SOURCES = ("task", "generic", "generic_seen", "seen_pairs")
+SOURCES = ("task", "generic", "generic_seen", "seen_pairs", "divisive")
 GENERIC = "__generic__"  # an id no run knows: the generic user
 CANDIDATE_PAIRS = 40
 CHOICES = 10
+DIVISIVE = 2 * CHOICES  # pairs chosen: some are ties for a given user
 OUTPUTS = ("results.json", "results.md")
 
 
@@ -69,12 +73,32 @@ def sampled_choices(run, task, source: str, seed: int) -> tuple[list[PreferenceR
     return records, ties
 
 
+def divisive_choices(run, task, seed: int) -> tuple[list[PreferenceRecord], int]:
+    """Every unseen user's first CHOICES winners among the DIVISIVE pairs chosen from the training data."""
+    pairs = choose_onboarding_pairs(run, task.train, DIVISIVE, seed=seed)
+    records, ties = [], 0
+    for user in task.unseen_users:
+        wins = 0
+        for p in pairs:
+            sa, sb = score(p.response_a, task.users[user]), score(p.response_b, task.users[user])
+            if sa == sb:
+                ties += 1
+                continue
+            chosen, rejected = (p.response_a, p.response_b) if sa > sb else (p.response_b, p.response_a)
+            records.append(PreferenceRecord(user_id=user, prompt=p.prompt, chosen=chosen, rejected=rejected))
+            wins += 1
+            if wins == CHOICES:
+                break
+    return records, ties
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a run trained on the style task of --seed (loop.py's)")
     parser.add_argument("--seed", type=int, default=2, help="the style task's seed (2: not a reported one)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sources", default=",".join(SOURCES), help="comma-separated, of " + ", ".join(SOURCES))
     args = parser.parse_args()
     problem = results_folder_problem(Path(args.out), "loop_pairs", OUTPUTS)  # before the work, as one line
     if problem:
@@ -99,9 +123,11 @@ def measure(args) -> tuple[dict, list[str]]:
               "seen_mean": statistics.mean(v["accuracy"] for v in seen.values()),
               "generic_mean": statistics.mean(v["accuracy"] for v in evaluate_run(run, scored)["per_user"].values()),
               "sources": {}}
-    for source in SOURCES:
+    for source in args.sources.split(","):
         if source == "task":
             fit, ties = [r for u in task.unseen_users for r in by_user[u][:CHOICES]], 0
+        elif source == "divisive":
+            fit, ties = divisive_choices(run, task, args.seed)
         else:
             fit, ties = sampled_choices(run, task, source, args.seed)
         fitted, _ = adapt_users(run, fit, steps=ONBOARD_STEPS, show_progress=False)

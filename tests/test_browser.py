@@ -1,6 +1,6 @@
 """The comparison page in a real headless Chromium (Debian's chromium + chromium-driver, which `make test`
 installs): a user opens their personal link, makes 10 comparisons by clicking, and the page then reports their
-own model active (fitted live by the server)."""
+own model active (fitted live by the server); with onboarding pairs, the page asks those first."""
 
 from __future__ import annotations
 
@@ -70,3 +70,36 @@ def test_ten_comparisons_by_clicking_activate_the_users_own_model(browser, tmp_p
     assert "Your own model is active" in shown and "10 comparison(s)" in shown
     assert "dana" in load_run(run_dir).registry and time.monotonic() - started < 60
     assert server.onboarding.fitted["dana"]["pairs"] == 10
+
+
+def test_onboarding_pairs_come_first_then_the_users_own_prompts(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from prlhf.train.onboard_pairs import OnboardPair
+
+    run_dir = train_tiny_runs(tmp_path, names=("policy",))["policy"]
+    store = ComparisonStore(f"sqlite:///{tmp_path}/feedback.db")
+    token = store.invite("erin")
+    pairs = [OnboardPair(f"Write a note about topic {i}.", f"Dear all, topic {i}.", f"hey, {i}", 0.5)
+             for i in range(3)]
+    server = PersonalizedServer(load_run(run_dir), "tiny", Limits(max_prompt_tokens=64, max_tokens=24),
+                                reload_interval=None, store=store, onboard_after=3, onboard_pairs=pairs)
+    wait = WebDriverWait(browser, 60)
+    with running(server) as url:
+        browser.get(f"{url}/ui?token={token}")
+        for i in range(3):
+            wait.until(lambda b, n=i + 1: b.find_element(By.ID, "status").get_attribute("data-onboarding") == str(n))
+            assert f"Question {i + 1} of 3" in browser.find_element(By.ID, "status").text
+            assert not browser.find_element(By.ID, "ask").is_displayed()  # the server's pairs first
+            assert browser.find_element(By.ID, "prompt").get_attribute("value") == pairs[i].prompt
+            shown = {browser.find_element(By.ID, side).text for side in ("left", "right")}
+            assert shown == {pairs[i].response_a, pairs[i].response_b}
+            browser.find_element(By.ID, "choose-left").click()
+        wait.until(lambda b: b.find_element(By.ID, "who").get_attribute("data-model") == "active")
+        wait.until(lambda b: b.find_element(By.ID, "ask").is_displayed())  # now their own prompts
+    store.close()
+    assert server.onboarding.fitted["erin"]["pairs"] == 3
+    store = ComparisonStore(f"sqlite:///{tmp_path}/feedback.db")
+    assert {c.prompt for c in store.of_user("erin")} == {p.prompt for p in pairs}
+    store.close()

@@ -68,6 +68,11 @@ def cmd_serve(args) -> int:
         if getattr(args, name) is not None and getattr(args, name) < (0 if name in ("port", "onboard_after") else 1):
             raise ConfigError(f"serve: --{name.replace('_', '-')} must be positive")
     keys = read_api_keys(args.api_key_file) if args.api_key_file else []
+    if args.onboard_pairs and not args.db:
+        raise ConfigError("serve: --onboard-pairs needs --db URL (a user's answers are stored as comparisons)")
+    from prlhf.train.onboard_pairs import read_onboard_pairs
+
+    onboard_pairs = read_onboard_pairs(args.onboard_pairs) if args.onboard_pairs else ()  # before the model loads
     run = load_run(args.run, device=args.device)
     if getattr(run.model, "is_reward_model", False):
         raise RunError(f"{args.run}: a reward-model run does not generate; pass it as --reward-run")
@@ -79,7 +84,8 @@ def cmd_serve(args) -> int:
                                 api_keys=keys, max_batch=args.max_batch_size, batch_wait=args.batch_wait_ms / 1000,
                                 max_queue=args.max_queue, reload_interval=args.reload_interval or None,
                                 prefix_cache_bytes=int(args.prefix_cache_mb * 2 ** 20), store=store,
-                                onboard_after=args.onboard_after, onboard_steps=args.onboard_steps)
+                                onboard_after=args.onboard_after, onboard_steps=args.onboard_steps,
+                                onboard_pairs=onboard_pairs)
     logging.getLogger("prlhf").setLevel(logging.INFO)
     http = uvicorn.Server(uvicorn.Config(server.app(engine_thread=False), host=args.host, port=args.port,
                                          log_level=args.log_level, access_log=args.access_log))
@@ -144,6 +150,10 @@ def register(sub) -> None:
     s.add_argument("--onboard-steps", type=int, default=ONBOARD_STEPS, metavar="N",
                    help=f"optimizer steps of each such fit (default {ONBOARD_STEPS}, half of prlhf adapt's: the "
                         "user waits for it; docs/serve.md has the accuracy it costs)")
+    s.add_argument("--onboard-pairs", metavar="FILE",
+                   help="with --db: show each user these pairs first (JSONL of prompt, response_a, response_b; "
+                        "`prlhf users onboard-pairs` picks them from the training data): a newcomer's choices between "
+                        "two samples of the generic model teach their row little (docs/serve.md)")
     s.add_argument("--prefix-cache-mb", type=float, default=256.0,
                    help="memory for the KV of recent users' [BOS] + soft tokens, so their prefill covers the prompt "
                         "only (0: off; default 256)")

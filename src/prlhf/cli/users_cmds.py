@@ -1,4 +1,4 @@
-"""`prlhf adapt` (fit new users on a finished run) and `prlhf users list|delete|export|import`.
+"""`prlhf adapt` (fit new users on a finished run) and `prlhf users list|delete|export|import|onboard-pairs`.
 
 `register(subparsers)` adds both commands to the `prlhf` parser (prlhf.cli.main).
 """
@@ -83,6 +83,33 @@ def cmd_users_import(args) -> int:
     return 0
 
 
+def cmd_users_onboard_pairs(args) -> int:
+    from prlhf.data.loading import load_records
+    from prlhf.runs.directory import load_run
+    from prlhf.train.onboard_pairs import choose_onboarding_pairs, write_onboard_pairs
+
+    set_threads(args.threads)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # refuse before any work
+        raise ConfigError(f"{out}: already exists; choose another --out or pass --overwrite")
+    if args.pairs < 1 or args.pool < 1:
+        raise ConfigError("users onboard-pairs: --pairs and --pool must be positive")
+    records = load_records(args.data)
+    run = load_run(args.run)
+    try:
+        pairs = choose_onboarding_pairs(run, records, args.pairs, pool=args.pool, seed=args.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not pairs:
+        raise ConfigError(f"{args.run}: the run predicts every known user to answer each of the {args.pool} candidate "
+                          "pairs alike; no pair would tell a newcomer's taste apart")
+    write_onboard_pairs(out, pairs)
+    splits = ", ".join(f"{p.split:.2f}" for p in pairs)
+    print(f"{len(pairs)} pair(s) -> {out} (share of known users predicted to prefer response_a: {splits}); read "
+          "them before serving: they are training texts, shown to every new user")
+    return 0
+
+
 def _times(factor: float) -> str:
     return "" if factor == 1 else f"{factor:g}x "
 
@@ -114,7 +141,8 @@ def register(subparsers) -> None:
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=cmd_adapt)
 
-    u = subparsers.add_parser("users", help="list, delete, export or import users of a run")
+    u = subparsers.add_parser("users", help="list, delete, export or import users of a run; pick pairs to onboard "
+                                            "new ones with")
     usub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     ls = usub.add_parser("list", help="id, index, norm of the user's row and training pairs")
     ls.add_argument("--run", required=True, help="run directory written by `prlhf train`")
@@ -136,3 +164,18 @@ def register(subparsers) -> None:
     i.add_argument("--from", required=True, metavar="FILE_PREFIX", help="what `prlhf users export` wrote")
     i.add_argument("--overwrite", action="store_true", help="replace users that already exist")
     i.set_defaults(func=cmd_users_import)
+    o = usub.add_parser("onboard-pairs",
+                        help="pick the training pairs its known users disagree on, for `prlhf serve --onboard-pairs`",
+                        description="Score candidate pairs of the training data under every known user's row and "
+                                    "keep those that split the users, each in a new way (docs/serve.md). Writes "
+                                    "JSONL: prompt, response_a, response_b, and the predicted split.")
+    o.add_argument("--run", required=True, help="a personalized run directory written by `prlhf train`")
+    o.add_argument("--data", required=True, help="the run's training data (or other pairs to choose from)")
+    o.add_argument("--out", required=True, metavar="FILE", help="JSONL file to write")
+    o.add_argument("--pairs", type=int, default=20, help="pairs to keep at most (default 20: some are ties for a "
+                   "given user, and the server fits after --onboard-after winners)")
+    o.add_argument("--pool", type=int, default=400, help="candidate pairs drawn from --data and scored (default 400)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the candidate draw and of the a/b order")
+    o.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    o.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    o.set_defaults(func=cmd_users_onboard_pairs)

@@ -42,6 +42,7 @@ from prlhf.serve.protocol import APIError, ChatRequest, Common, CompletionReques
 from prlhf.serve.refit import Onboarding
 from prlhf.serve.sampling import Sampling, row_generators
 from prlhf.serve.users import ServedUsers, release_freed_memory, watch
+from prlhf.train.onboard_pairs import OnboardPair
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,12 @@ class PersonalizedServer:
                  api_keys: Sequence[str] = (), max_batch: int = 32, batch_wait: float = 0.002,
                  max_queue: int = 256, reload_interval: float | None = 2.0, prefix_cache_bytes: int = 256 << 20,
                  store: ComparisonStore | None = None, onboard_after: int | None = None,
-                 onboard_steps: int = ONBOARD_STEPS):
+                 onboard_steps: int = ONBOARD_STEPS, onboard_pairs: Sequence[OnboardPair] = ()):
         self.run, self.model_name, self.limits, self.reward = run, model_name, limits, reward
         self.store = store  # where comparisons go (prlhf serve --db); None: no feedback routes
+        if onboard_pairs and store is None:
+            raise ValueError("onboarding pairs need a comparison store (--db): their answers are comparisons")
+        self.onboard_pairs = tuple(onboard_pairs)  # shown to each user first (prlhf.train.onboard_pairs)
         self.api_keys = tuple(k.encode() for k in api_keys)
         self.metrics = Metrics()
         self.users = ServedUsers(run.path, run.model.user_model, run.registry,

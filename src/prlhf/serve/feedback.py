@@ -4,6 +4,8 @@
                          showed (a completion request with "compare": true returns the pair and its id), or
                          {"user", "prompt", "chosen", "rejected"[, "id"]}            a comparison made elsewhere
     GET  /v1/feedback?user=U[&limit=N]                                               the user's comparisons
+    POST /v1/onboarding/next {"user"?}  the next of the server's onboarding pairs (--onboard-pairs) this user has
+                         not answered, as a pending comparison to answer with POST /v1/feedback; "done" when none
     GET  /v1/me                      the token's user: comparisons so far, and whether their own row is served
     GET  /ui?token=TOKEN             the comparison page (prlhf.serve.page)
     POST /v1/admin/invite {"user"}   a personal token (API key needed); DELETE /v1/admin/users/U forgets U
@@ -15,6 +17,8 @@ serving while SQLite syncs.
 from __future__ import annotations
 
 import asyncio
+import json
+import secrets
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -25,6 +29,7 @@ from prlhf.data.store import ComparisonStore, StoreError
 from prlhf.serve.auth import act_as
 from prlhf.serve.page import PAGE
 from prlhf.serve.protocol import APIError, Message, parse
+from prlhf.train.onboard_pairs import OnboardPair
 
 
 class FeedbackRequest(BaseModel):
@@ -60,6 +65,8 @@ def add_routes(app: FastAPI, server, store: ComparisonStore) -> None:
             answer["user_model"] = server.onboarding.notify(comparison.user_id, usable)
         return JSONResponse(answer)
 
+    add_onboarding_route(app, server, store)
+
     @app.get("/ui")
     async def page():
         return HTMLResponse(PAGE)  # holds no data: everything it shows comes through the token's own calls
@@ -72,8 +79,10 @@ def add_routes(app: FastAPI, server, store: ComparisonStore) -> None:
         count = await asyncio.to_thread(store.decided_count, user)
         state = server.onboarding.status(user) if server.onboarding is not None else (
             "active" if user in server.users.snapshot().registry else "generic")
+        left = len(await asyncio.to_thread(onboarding_left, store, user, server.onboard_pairs)) \
+            if server.onboard_pairs else 0
         return JSONResponse({"user": user, "comparisons": count, "user_model": state,
-                             "max_tokens": server.limits.max_tokens})
+                             "max_tokens": server.limits.max_tokens, "onboard_pairs_left": left})
 
     @app.get("/v1/feedback")
     async def list_feedback(request: Request, user: str = "", limit: int = 100):
@@ -84,6 +93,45 @@ def add_routes(app: FastAPI, server, store: ComparisonStore) -> None:
             raise APIError(400, "limit must be between 1 and 1000", param="limit")
         found = await asyncio.to_thread(store.of_user, user, limit)
         return JSONResponse({"object": "list", "data": [c.to_dict() for c in found]})
+
+
+class OnboardingRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    user: str | None = Field(None, min_length=1, max_length=200)
+
+
+def _key(prompt, a: str, b: str) -> str:
+    return json.dumps([prompt, a, b])
+
+
+def onboarding_left(store: ComparisonStore, user: str, pairs: tuple[OnboardPair, ...]) -> list[int]:
+    """Indices of the onboarding pairs `user` has not answered yet (a pair shown but not answered stays)."""
+    answered = {_key(c.prompt, c.response_a, c.response_b) for c in store.of_user(user, 10 ** 9)
+                if c.status == "decided" and (c.sampling or {}).get("onboard_pair") is not None}
+    return [i for i, p in enumerate(pairs) if _key(p.prompt, p.response_a, p.response_b) not in answered]
+
+
+def add_onboarding_route(app: FastAPI, server, store: ComparisonStore) -> None:
+    @app.post("/v1/onboarding/next")
+    async def next_pair(request: Request):
+        body = parse(OnboardingRequest, await server.body(request))
+        user = act_as(server.authorize(request), body.user)
+        if not user:
+            raise APIError(400, "user: the body needs a user (a personal token gives it)", param="user")
+        pairs = server.onboard_pairs
+        if not pairs:
+            raise APIError(404, "this server has no onboarding pairs: start it with --onboard-pairs FILE")
+        left = await asyncio.to_thread(onboarding_left, store, user, pairs)
+        if not left:
+            return JSONResponse({"object": "onboarding.pair", "done": True, "total": len(pairs)})
+        index = left[0]
+        pair, shown_left = pairs[index], secrets.choice("ab")
+        shown = await asyncio.to_thread(store.add_pair, user, pair.prompt, pair.response_a, pair.response_b,
+                                        str(server.run.path), None, {"onboard_pair": index}, shown_left=shown_left)
+        return JSONResponse({"object": "onboarding.pair", "done": False, "comparison_id": shown.id,
+                             "prompt": pair.prompt, "choices": [{"index": 0, "text": pair.response_a},
+                                                                {"index": 1, "text": pair.response_b}],
+                             "shown_left": shown_left, "number": len(pairs) - len(left) + 1, "total": len(pairs)})
 
 
 class InviteRequest(BaseModel):

@@ -1,7 +1,8 @@
 """The comparison page `prlhf serve --db` serves at /ui?token=TOKEN: plain HTML and a little JavaScript, no build
 step. It asks the server for two responses to the user's prompt ("compare": true), shows them side by side in
-the order the server drew, and posts the choice (buttons, or the keys 1 / 2 / 3 / 4) to /v1/feedback. The token
-from the personal link goes in every request's Authorization header."""
+the order the server drew, and posts the choice (buttons, or the keys 1 / 2 / 3 / 4) to /v1/feedback. A server
+started with --onboard-pairs first shows the user its onboarding pairs, one after another (/v1/onboarding/next),
+then their own prompts. The token from the personal link goes in every request's Authorization header."""
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>prlhf: which answer is better?</title>
@@ -30,7 +31,7 @@ PAGE = """<!doctype html>
 <script>
 const token = new URLSearchParams(location.search).get("token") || "";
 const headers = {"Content-Type": "application/json", "Authorization": "Bearer " + token};
-let model = null, pair = null, maxTokens = 64;
+let model = null, pair = null, maxTokens = 64, fetching = false;
 const $ = (id) => document.getElementById(id);
 
 function show(state) {
@@ -53,18 +54,37 @@ async function refresh() {
   const state = await call("/v1/me");
   maxTokens = Math.min(64, state.max_tokens);
   show(state);
+  const onboarding = state.onboard_pairs_left > 0;
+  $("ask").hidden = onboarding; $("prompt").readOnly = onboarding;  // the user's own prompts come after
+  if (onboarding && !pair && !fetching) { await onboardingPair(); }
   if (state.user_model === "fitting") { setTimeout(() => refresh().catch(fail), 500); }  // until it is served
+}
+function display(id, texts, shownLeft) {
+  const leftIsA = shownLeft === "a";
+  pair = {id, left: leftIsA ? "a" : "b", right: leftIsA ? "b" : "a"};
+  $("left").textContent = leftIsA ? texts[0] : texts[1];
+  $("right").textContent = leftIsA ? texts[1] : texts[0];
+  $("choices").hidden = false;
+}
+async function onboardingPair() {  // the server's own pairs first: they tell it most about a newcomer
+  fetching = true;
+  try {
+    const data = await call("/v1/onboarding/next", {});
+    if (data.done) { $("ask").hidden = false; $("prompt").readOnly = false; return; }
+    const prompt = typeof data.prompt === "string" ? data.prompt : data.prompt[data.prompt.length - 1].content;
+    $("prompt").value = prompt;
+    display(data.comparison_id, data.choices.map((c) => c.text), data.shown_left);
+    $("status").className = "";
+    $("status").textContent = "Question " + data.number + " of " + data.total + ": which answer do you prefer?";
+    $("status").dataset.onboarding = data.number;
+  } finally { fetching = false; }
 }
 async function ask() {
   $("status").textContent = "Generating..."; $("status").className = ""; $("choices").hidden = true;
   const data = await call("/v1/completions", {model, prompt: $("prompt").value, max_tokens: maxTokens,
                                                    compare: true});
-  const texts = data.choices.map((c) => c.text);
-  const leftIsA = data.prlhf.shown_left === "a";
-  pair = {id: data.prlhf.comparison_id, left: leftIsA ? "a" : "b", right: leftIsA ? "b" : "a"};
-  $("left").textContent = leftIsA ? texts[0] : texts[1];
-  $("right").textContent = leftIsA ? texts[1] : texts[0];
-  $("choices").hidden = false; $("status").textContent = "Pick one.";
+  display(data.prlhf.comparison_id, data.choices.map((c) => c.text), data.prlhf.shown_left);
+  $("status").textContent = "Pick one.";
 }
 async function choose(which) {
   if (!pair) { return; }
