@@ -5,7 +5,8 @@ import pytest
 
 from prlhf.bench.flops import ModelShape, flops_per_pair
 from prlhf.bench.speed import (METHODS, PRLHF_METHODS, USER_TOKENS, data_lengths, encoded_pairs, generation_speed,
-                               prepare, profile_step, ratios, render, step_time_by_users, summarise)
+                               prepare, profile_step, ratios, render, run_speed_bench, step_time_by_users,
+                               summarise)
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def test_pieces_and_report(tmp_path):
             "step_s_by_users_dense_table": {"10": 0.1, "10000": 0.2, "100000": 1.0},
             "gen_tokens_per_s": gen, "profile_s": profile_step(setup, "fp32", steps=1),
             "setup": {"n_pairs": n, "batch_size": 8, "steps": 3, "repeats": 1, "model": "tiny", "threads": 1,
-                      "quick": True, "dtypes": ["fp32"], "lengths": lengths, "machine": "x"}}
+                      "quick": True, "dtypes": ["fp32"], "lengths": lengths, "machine": "x", "lora_dropout": 0.0}}
     assert fake["profile_s"]["by_kind"]["matmul"] > 0 and fake["profile_s"]["top_operators"]
     fake["ratios"] = ratios(fake)
     assert fake["ratios"]["prlhf_dpo_vs_trl"] == pytest.approx(12 / 10)
@@ -42,3 +43,10 @@ def test_pieces_and_report(tmp_path):
     assert set(PRLHF_METHODS) < set(METHODS)
     text = render(fake)
     assert "| trl_dpo | 10.00 | 1.00x |" in text and "100,000" in text and "matmul" in text
+    assert "dropout 0 on both sides" in text
+
+
+def test_a_bad_lora_dropout_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="lora dropout"):
+        run_speed_bench(tmp_path / "out", lora_dropout=1.0)
+    assert not (tmp_path / "out").exists()

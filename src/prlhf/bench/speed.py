@@ -42,6 +42,10 @@ MODELS = ("tiny", "smollm2-135m", "gemma3-270m")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT_TOKENS = (128, 256)  # realistic-length runs: prompts in this range
 USER_TOKENS = 1  # TrainConfig's default T_u
+# LoRA dropout of both sides. 0 by default, because TRL's DPOTrainer zeroes every nn.Dropout after wrapping the
+# model in PEFT (DPOConfig.disable_dropout, True by default), LoRA's own included: what TRL's defaults run. A
+# dropout > 0 turns that off on TRL's side, so that both sides draw the same masks (prlhf train's default is 0.05).
+LORA_DROPOUT = 0.0
 MAX_LENGTH, MAX_PROMPT_LENGTH = 1024, 512  # above every bench text: neither trainer truncates
 
 # what the benchmark writes into --out (anything else there is refused: prlhf.safe_io.results_folder)
@@ -141,8 +145,10 @@ def worker_trl(setup: dict, out: Path, precompute: bool, dtype: str) -> dict:
     args = DPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=setup["batch_size"],
                      max_steps=setup["steps"], learning_rate=1e-3, beta=0.5, logging_steps=10 ** 6,
                      save_strategy="no", report_to="none", max_length=MAX_LENGTH, seed=0, use_cpu=True,
-                     dataloader_num_workers=0, bf16=dtype == "bf16", precompute_ref_log_probs=precompute)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+                     dataloader_num_workers=0, bf16=dtype == "bf16", precompute_ref_log_probs=precompute,
+                     disable_dropout=setup.get("lora_dropout", LORA_DROPOUT) == 0)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=setup.get("lora_dropout", LORA_DROPOUT),
+                      target_modules="all-linear", task_type="CAUSAL_LM")
     built = time.perf_counter()
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora,
                          callbacks=[Stamp()])
@@ -164,7 +170,8 @@ def worker_prlhf(setup: dict, out: Path, user_model: str, alpha: float, dtype: s
         data=setup["train"], out=str(run), model=setup["base"], user_model=user_model, alpha=alpha,
         batch_size=setup["batch_size"], max_steps=setup["steps"], sft_steps=0, lr=1e-3, beta=0.5, log_steps=1,
         save_steps=setup["steps"], seed=0, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
-        reference_cache="none", mixed_precision="bf16" if dtype == "bf16" else "no", report_to="none"),
+        reference_cache="none", mixed_precision="bf16" if dtype == "bf16" else "no", report_to="none",
+        lora_dropout=setup.get("lora_dropout", LORA_DROPOUT)),
         show_progress=False)
     return {"step_s": median_step(logged_step_times(run)), "wall_s": time.perf_counter() - start,
             "reference_s": summary["reference_seconds"]}
@@ -296,7 +303,8 @@ def profile_step(setup: dict, dtype: str, steps: int = 2) -> dict[str, float]:
     pairs = encode_records(load_records(setup["train"])[:setup["batch_size"]], tok, max_length=MAX_LENGTH,
                            max_prompt_length=MAX_PROMPT_LENGTH)
     um = build_user_model("individual", 10, USER_TOKENS, base.config.hidden_size, init="uniform", sparse=True)
-    model = PersonalizedLM(add_lora(base), um, prefix_len=int(adds_bos(tok))).train()
+    model = PersonalizedLM(add_lora(base, dropout=setup.get("lora_dropout", LORA_DROPOUT)), um,
+                           prefix_len=int(adds_bos(tok))).train()
     opt = RowSparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = collate_pairs(pairs, torch.arange(len(pairs)) % 10 + 1, torch.arange(len(pairs)), tok.pad_token_id)
 
@@ -310,8 +318,11 @@ def profile_step(setup: dict, dtype: str, steps: int = 2) -> dict[str, float]:
 # ---- the benchmark -------------------------------------------------------------------------------------------
 
 def run_speed_bench(out: Path, quick: bool = False, threads: int = 2, model: str = "tiny",
-                    dtypes: tuple[str, ...] | None = None) -> dict:
-    """Every method at every dtype (the first is the headline), interleaved, then the in-process measurements."""
+                    dtypes: tuple[str, ...] | None = None, lora_dropout: float = LORA_DROPOUT) -> dict:
+    """Every method at every dtype (the first is the headline), interleaved, then the in-process measurements.
+    `lora_dropout` is both sides' (see LORA_DROPOUT)."""
+    if not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora dropout must be in [0, 1), not {lora_dropout}")
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r} (choose from {', '.join(MODELS)})")
     dtypes = dtypes or (("fp32",) if model == "tiny" else ("bf16", "fp32"))
@@ -321,7 +332,7 @@ def run_speed_bench(out: Path, quick: bool = False, threads: int = 2, model: str
     # the runs' scratch files go to a temporary folder that is removed afterwards, even on an error
     with results_folder(out, "speed", OUTPUTS), tempfile.TemporaryDirectory(prefix="prlhf_speed_") as scratch:
         work = Path(scratch)
-        setup = prepare(work, quick, model=model)
+        setup = prepare(work, quick, model=model) | {"lora_dropout": lora_dropout}
         setup_path = work / "setup.json"
         setup_path.write_text(json.dumps(setup))
         runs: dict[str, dict[str, list[dict]]] = {d: {m: [] for m in METHODS} for d in dtypes}
@@ -344,7 +355,8 @@ def run_speed_bench(out: Path, quick: bool = False, threads: int = 2, model: str
         result["profile_s"] = profile_step(setup, dtypes[0])
         result["setup"] = {k: setup[k] for k in ("n_pairs", "batch_size", "steps", "repeats")} | {
             "model": "tiny (2-layer Llama, hidden 64)" if model == "tiny" else model, "threads": threads,
-            "quick": quick, "dtypes": list(dtypes), "lengths": lengths, "machine": machine_summary()}
+            "quick": quick, "dtypes": list(dtypes), "lengths": lengths, "machine": machine_summary(),
+            "lora_dropout": lora_dropout}
         result["ratios"] = ratios(result)
         atomic_write_text(out / "speed.json", json.dumps(result, indent=1) + "\n")
         atomic_write_text(out / "speed.md", render(result))
@@ -439,7 +451,8 @@ def render(r: dict) -> str:
     ln = s.get("lengths")
     lines = [f"# prlhf bench speed --model {r['model']}{' --quick' if s['quick'] else ''}", "",
              f"Model {s['model']}; {s['n_pairs']} pairs, batch {s['batch_size']} pairs, {s['steps']} steps, "
-             f"medians over {s['repeats']} repeat(s); {s['threads']} threads; {s['machine']}."]
+             f"medians over {s['repeats']} repeat(s); {s['threads']} threads; LoRA r 8 on all linear layers, dropout "
+             f"{s.get('lora_dropout', LORA_DROPOUT):g} on both sides; {s['machine']}."]
     if ln:
         lines.append(f"Tokens per pair (prlhf's encoding): prompt {ln['prompt']['min']}-{ln['prompt']['max']} "
                      f"(median {ln['prompt']['median']:g}), responses {ln['response']['min']}-{ln['response']['max']} "

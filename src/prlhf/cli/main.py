@@ -263,7 +263,8 @@ def cmd_bench_speed(args) -> int:
 
     try:
         dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip()) if args.dtype else None
-        run_speed_bench(Path(args.out), quick=args.quick, threads=args.threads, model=args.model, dtypes=dtypes)
+        run_speed_bench(Path(args.out), quick=args.quick, threads=args.threads, model=args.model, dtypes=dtypes,
+                        lora_dropout=args.lora_dropout)
     except ValueError as exc:
         raise ConfigError(f"bench speed: {exc}") from None
     return 0
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true", help="fewer steps and one repeat (a few minutes)")
     sp.add_argument("--out", required=True, help="folder for speed.json and speed.md")
     sp.add_argument("--threads", type=int, default=2, help="torch CPU threads per measured process (default 2)")
+    sp.add_argument("--lora-dropout", type=float, default=0.0,
+                    help="LoRA dropout of both sides (default 0: TRL's DPOTrainer zeroes it unless told otherwise; "
+                         "0.05 is prlhf train's default and costs its dropout masks)")
     sp.set_defaults(func=cmd_bench_speed)
     sv = bsub.add_parser("serve", help="`prlhf serve` tokens/s and latency with 1, 8 and 32 concurrent users vs "
                                        "plain batched generate; latency and memory with 1,000,000 users")
