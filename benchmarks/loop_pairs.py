@@ -20,11 +20,9 @@ the user's held-out test pairs (content-disjoint topics). Candidate sources:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
@@ -35,9 +33,9 @@ from prlhf.data.tasks import build_style_task
 from prlhf.evaluate.generation import generate_texts
 from prlhf.evaluate.run_eval import evaluate_run
 from prlhf.runs.directory import load_run
-from prlhf.safe_io import atomic_write_text, results_folder, results_folder_problem
 from prlhf.train.adapt import adapt_users
 from prlhf.train.onboard_pairs import choose_onboarding_pairs
+from script_results import measure_into_out
 
 SOURCES = ("task", "generic", "generic_seen", "seen_pairs", "divisive")
 GENERIC = "__generic__"  # an id no run knows: the generic user
@@ -57,35 +55,29 @@ def sampled_choices(run, task, source: str, seed: int) -> tuple[list[PreferenceR
     asked = [prompts[k % len(prompts)] for k in range(CANDIDATE_PAIRS)]
     a = generate_texts(run, asked, left, max_new_tokens=48, do_sample=True, seed=seed + 1)
     b = generate_texts(run, asked, right, max_new_tokens=48, do_sample=True, seed=seed + 2)
-    records, ties = [], 0
-    for user in task.unseen_users:
-        wins = 0
-        for prompt, x, y in zip(asked, a, b):
-            sx, sy = score(x, task.users[user]), score(y, task.users[user])
-            if sx == sy:
-                ties += 1
-                continue
-            chosen, rejected = (x, y) if sx > sy else (y, x)
-            records.append(PreferenceRecord(user_id=user, prompt=prompt, chosen=" " + chosen, rejected=" " + rejected))
-            wins += 1
-            if wins == CHOICES:
-                break
-    return records, ties
+    return first_winners(task, list(zip(asked, a, b)), prefix=" ")
 
 
 def divisive_choices(run, task, seed: int) -> tuple[list[PreferenceRecord], int]:
     """Every unseen user's first CHOICES winners among the DIVISIVE pairs chosen from the training data."""
     pairs = choose_onboarding_pairs(run, task.train, DIVISIVE, seed=seed)
+    return first_winners(task, [(p.prompt, p.response_a, p.response_b) for p in pairs])
+
+
+def first_winners(task, candidates: list[tuple], prefix: str = "") -> tuple[list[PreferenceRecord], int]:
+    """Each unseen user's first CHOICES winners among (prompt, text, text) candidates, by their profile's score,
+    and the number of ties passed over; `prefix` goes before both texts of a record (sampled continuations)."""
     records, ties = [], 0
     for user in task.unseen_users:
         wins = 0
-        for p in pairs:
-            sa, sb = score(p.response_a, task.users[user]), score(p.response_b, task.users[user])
-            if sa == sb:
+        for prompt, x, y in candidates:
+            sx, sy = score(x, task.users[user]), score(y, task.users[user])
+            if sx == sy:
                 ties += 1
                 continue
-            chosen, rejected = (p.response_a, p.response_b) if sa > sb else (p.response_b, p.response_a)
-            records.append(PreferenceRecord(user_id=user, prompt=p.prompt, chosen=chosen, rejected=rejected))
+            chosen, rejected = (x, y) if sx > sy else (y, x)
+            records.append(PreferenceRecord(user_id=user, prompt=prompt, chosen=prefix + chosen,
+                                            rejected=prefix + rejected))
             wins += 1
             if wins == CHOICES:
                 break
@@ -100,14 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sources", default=",".join(SOURCES), help="comma-separated, of " + ", ".join(SOURCES))
     args = parser.parse_args()
-    problem = results_folder_problem(Path(args.out), "loop_pairs", OUTPUTS)  # before the work, as one line
-    if problem:
-        parser.error(f"--out {args.out} {problem}")
-    with results_folder(Path(args.out), "loop_pairs", OUTPUTS) as out:
-        result, lines = measure(args)
-        atomic_write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
-        atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    measure_into_out(parser, args, "loop_pairs", OUTPUTS, measure)
 
 
 def measure(args) -> tuple[dict, list[str]]:

@@ -20,16 +20,14 @@ setting is scored on the test split. Prints a table and writes results.json and 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from prlhf.data.tasks import build_polis_task
-from prlhf.safe_io import atomic_write_text, results_folder, results_folder_problem
+from script_results import measure_into_out
 
 CONVERSATION = "american-assembly.bowling-green"
 RANKS = (2, 8)
@@ -171,14 +169,7 @@ def main() -> None:
     parser.add_argument("--test-pairs-per-user", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    problem = results_folder_problem(Path(args.out), "polis_ceiling", OUTPUTS)  # before the work, as one line
-    if problem:
-        parser.error(f"--out {args.out} {problem}")
-    with results_folder(Path(args.out), "polis_ceiling", OUTPUTS) as out:
-        results, lines = measure(args)
-        atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
-        atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    measure_into_out(parser, args, "polis_ceiling", OUTPUTS, measure)
 
 
 def measure(args) -> tuple[dict, list[str]]:

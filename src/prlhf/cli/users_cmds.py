@@ -88,10 +88,13 @@ def cmd_users_onboard_pairs(args) -> int:
     from prlhf.runs.directory import load_run
     from prlhf.train.onboard_pairs import choose_onboarding_pairs, write_onboard_pairs
 
+    from prlhf.safe_io import output_file_problem
+
     set_threads(args.threads)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:  # refuse before any work
-        raise ConfigError(f"{out}: already exists; choose another --out or pass --overwrite")
+    # before any work; an existing file is never taken for an earlier output of this command
+    if problem := output_file_problem(out, args.overwrite, ours=lambda _: False):
+        raise ConfigError(f"{out}: {problem}")
     if args.pairs < 1 or args.pool < 1:
         raise ConfigError("users onboard-pairs: --pairs and --pool must be positive")
     records = load_records(args.data)
