@@ -207,6 +207,7 @@ BAD_TRAIN_FLAGS = [
     (["--max-grad-norm", "nan"], "max_grad_norm"),
     (["--epochs", "inf"], "epochs"),
     (["--cluster-logit-std", "inf"], "cluster_logit_std"),
+    (["--lowrank-vector-std", "-1"], "lowrank_vector_std"),
     (["--weight-decay", "inf"], "weight_decay"),
     (["--max-length", "100000000", "--max-prompt-length", "64"], "max_length"),
     (["--user-tokens", "1000000"], "user_tokens"),

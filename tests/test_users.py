@@ -61,6 +61,17 @@ def test_cluster_logit_std_sets_how_far_from_an_even_mix_users_start():
     assert (top > 0.9).float().mean() > 0.5
 
 
+def test_lowrank_vector_std_sets_how_far_from_the_generic_user_users_start():
+    """The same draw scaled: std 0 puts every user at e_0, and the generic user's vector stays 0."""
+    unit = build_user_model("lowrank", 50, 2, 4, rank=3, init="uniform", seed=1)
+    small = build_user_model("lowrank", 50, 2, 4, rank=3, init="uniform", seed=1, vector_std=0.1)
+    assert torch.allclose(small.vectors.weight, 0.1 * unit.vectors.weight)
+    assert torch.equal(small.vectors.weight[0], torch.zeros(3))
+    at_generic = build_user_model("lowrank", 50, 2, 4, rank=3, init="uniform", vector_std=0.0)
+    idx = torch.arange(51)
+    assert torch.allclose(at_generic(idx), at_generic.generic.expand(51, 2, 4))
+
+
 def test_uniform_has_no_tokens():
     um = build_user_model("uniform", 5, 10, 4)
     assert um.num_tokens == 0 and um(torch.tensor([1, 2])).shape == (2, 0, 4)

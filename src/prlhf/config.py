@@ -113,6 +113,8 @@ class TrainConfig:
     cluster_logit_std: float = _meta("std of the cluster model's initial mixing logits (0.1: every user starts near "
                                      "an even mix of the prototypes)", default=0.1)
     user_rank: int = _meta("r, size of each user's vector in the lowrank user model", default=8)
+    lowrank_vector_std: float = _meta("std of the lowrank model's initial user vectors (1: v_i ~ N(0, I); near 0: "
+                                      "every user starts near the generic user)", default=1.0)
     user_init: str = _meta("soft-token init: vocab (random vocabulary embeddings) | uniform | zeros",
                            default="vocab")
     alpha: float = _meta("weight of the user's term; 1 - alpha goes to the generic user e_0", default=0.5)
@@ -207,6 +209,7 @@ class TrainConfig:
             (self.user_tokens >= 1, "user_tokens must be >= 1"),
             (self.clusters >= 1, "clusters must be >= 1"),
             (self.cluster_logit_std >= 0, "cluster_logit_std must be >= 0"),
+            (self.lowrank_vector_std >= 0, "lowrank_vector_std must be >= 0"),
             (0.0 <= self.sft_holdout < 1.0, "sft_holdout must be in [0, 1)"),
             (self.user_rank >= 1, "user_rank must be >= 1"),
             (self.epochs > 0 or self.epochs == -1, "epochs must be > 0 (or -1: the default for the model)"),

@@ -102,8 +102,8 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
     registry = UserRegistry.from_records(records)
     user_model = build_user_model(config.user_model, len(registry), config.user_tokens, base.config.hidden_size,
                                   num_clusters=config.clusters, logit_std=config.cluster_logit_std,
-                                  rank=config.user_rank, init=config.user_init,
-                                  seed=config.seed,
+                                  rank=config.user_rank, vector_std=config.lowrank_vector_std,
+                                  init=config.user_init, seed=config.seed,
                                   input_embeddings=input_embeddings_as_seen(base))
     if config.gradient_checkpointing:
         enable_activation_checkpointing(base)

@@ -174,11 +174,11 @@ class LowRankUserModel(UserModel):
 
     kind = "lowrank"
     row_key, shared_keys = "vectors.weight", ("generic", "up")  # rows: (N+1, r) vectors v_i
-    rows_are_codes = True  # v_i ~ N(0, I) at the start
+    rows_are_codes = True  # v_i ~ N(0, vector_std^2 I) at the start
 
     def __init__(self, num_users: int, num_tokens: int, hidden_size: int, *, rank: int = 8,
                  input_embeddings: torch.Tensor | None = None, init: str = "vocab", seed: int = 0,
-                 sparse: bool = SPARSE_USER_TABLES, **_):
+                 sparse: bool = SPARSE_USER_TABLES, vector_std: float = 1.0, **_):
         super().__init__(num_users, num_tokens, hidden_size)
         self.rank = rank
         g = torch.Generator().manual_seed(seed)
@@ -186,7 +186,7 @@ class LowRankUserModel(UserModel):
         # U's columns start as soft-token sets like the others, scaled so that U v (v ~ N(0, I)) has their size.
         up = init_soft_tokens((rank, num_tokens * hidden_size), input_embeddings, init, g) / rank ** 0.5
         self.up = nn.Parameter(up.T.contiguous())  # (T_u*d, r)
-        vectors = torch.randn(num_users + 1, rank, generator=g)
+        vectors = torch.randn(num_users + 1, rank, generator=g) * vector_std
         vectors[0] = 0.0
         self.vectors = nn.Embedding(num_users + 1, rank, _weight=vectors, sparse=sparse)
 
