@@ -70,7 +70,13 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(task_dir, tmp_
     uninterrupted, resumed = metric_rows(tmp_path / "A"), metric_rows(b_dir)
     assert [sorted(r) for r in uninterrupted] == [sorted(r) for r in resumed]
     for a, b in zip(uninterrupted, resumed):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), a["step"]
+        # rewards/* are small differences of log-probs of size |logps/*|, so their noise is that of the log-probs:
+        # on the AMD EPYC of 2026-12-04 the child's step 4 (logged before the kill) differed from the in-process
+        # run's by 2^-19 on rewards of 0.02-0.06 (5e-5 relative): rounding of the log-probs, not of the rewards
+        logp_ulps = 1e-6 * max(abs(a["logps/chosen"]), abs(a["logps/rejected"]))  # about 8 float32 ulps
+        for key in a:
+            tolerance = max(1e-7, logp_ulps) if key.startswith("rewards/") else 1e-7
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=tolerance), (a["step"], key)
 
 
 def test_resume_never_unpickles_code(task_dir, tmp_path, monkeypatch):
