@@ -14,24 +14,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-import statistics
 import sys
 
 import torch
 
 from prlhf.bench.polis import DEFAULT_CONVERSATIONS, FULL, score_margins
 from prlhf.data.tasks.polis import build_polis_task
+from prlhf.model.scoring import per_user_accuracy
 from prlhf.runs.directory import load_run
 from script_results import measure_into_out
 
 NOBODY = "__not_a_participant__"  # an unknown id: scored under the generic user
-
-
-def mean_participant_accuracy(records, margins: torch.Tensor) -> float:
-    by_user: dict[str, list[bool]] = {}
-    for record, margin in zip(records, margins.tolist()):
-        by_user.setdefault(record.user_id, []).append(margin > 0)
-    return statistics.mean(statistics.mean(v) for v in by_user.values())
 
 
 def measure(args) -> tuple[dict, list[str]]:
@@ -50,8 +43,9 @@ def measure(args) -> tuple[dict, list[str]]:
         records = [r for r in records if r.user_id in sample]
         own = score_margins(run, records, lambda rs: rs)
         generic = score_margins(run, [dataclasses.replace(r, user_id=NOBODY) for r in records], lambda rs: rs)
-        result[name] = {"pairs": len(records), "own_row": mean_participant_accuracy(records, own),
-                        "generic_user": mean_participant_accuracy(records, generic),
+        result[name] = {"pairs": len(records),
+                        "own_row": per_user_accuracy(records, own, sample)["mean_user_accuracy"],
+                        "generic_user": per_user_accuracy(records, generic, sample)["mean_user_accuracy"],
                         "mean_abs_margin_change": float((own - generic).abs().mean()),
                         "mean_abs_margin": float(generic.abs().mean())}
     lines = [f"# Own row vs generic user: `{args.run}`", "",
