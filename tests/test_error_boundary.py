@@ -208,6 +208,8 @@ BAD_TRAIN_FLAGS = [
     (["--epochs", "inf"], "epochs"),
     (["--cluster-logit-std", "inf"], "cluster_logit_std"),
     (["--lowrank-vector-std", "-1"], "lowrank_vector_std"),
+    (["--user-start", "kmeans"], "user_start"),
+    (["--covote-rank", "0"], "covote_rank"),
     (["--weight-decay", "inf"], "weight_decay"),
     (["--max-length", "100000000", "--max-prompt-length", "64"], "max_length"),
     (["--user-tokens", "1000000"], "user_tokens"),

@@ -78,6 +78,7 @@ def range_problem(name: str, value: int, low: int, high: int) -> str | None:
 # TrainConfig's integer fields: (lowest, highest) allowed, both inclusive
 TRAIN_INT_RANGES = {
     "user_tokens": (1, MAX_USER_TOKENS), "clusters": (1, MAX_COUNT), "user_rank": (1, MAX_COUNT),
+    "covote_rank": (1, MAX_COUNT),
     "max_steps": (0, MAX_STEPS), "batch_size": (1, MAX_COUNT), "grad_accum": (1, MAX_COUNT), "seed": (0, MAX_SEED),
     "lora_r": (1, MAX_COUNT), "lora_alpha": (1, MAX_COUNT), "max_length": (2, MAX_TOKENS),
     "max_prompt_length": (1, MAX_TOKENS), "sft_steps": (-1, MAX_STEPS), "save_steps": (0, MAX_STEPS),
@@ -117,6 +118,13 @@ class TrainConfig:
                                       "every user starts near the generic user)", default=1.0)
     user_init: str = _meta("soft-token init: vocab (random vocabulary embeddings) | uniform | zeros",
                            default="vocab")
+    user_start: str = _meta("where seen users' rows start: random (the init above, independent per user) | covotes "
+                            "(users who chose and rejected the same responses in the training data start alike: "
+                            "the leading factors of the users x responses vote matrix set individual offsets along "
+                            "a shared random basis, cluster users on their k-means cluster, low-rank vectors' "
+                            "leading entries; for data where many users judge the same responses, such as Polis)",
+                            default="random")
+    covote_rank: int = _meta("user_start covotes: number of vote-matrix factors used", default=2)
     alpha: float = _meta("weight of the user's term; 1 - alpha goes to the generic user e_0", default=0.5)
     beta: float = _meta("DPO temperature beta", default=0.5)
     loss: str = _meta("preference loss l: dpo (P-DPO)", default="dpo")
@@ -197,6 +205,7 @@ class TrainConfig:
         checks = [
             (self.user_model in USER_MODELS, f"user_model must be one of {', '.join(USER_MODELS)}"),
             (self.user_init in ("vocab", "uniform", "zeros"), "user_init must be vocab, uniform or zeros"),
+            (self.user_start in ("random", "covotes"), "user_start must be random or covotes"),
             (self.loss == "dpo", "loss must be 'dpo'"),
             (self.objective in ("dpo", "rm"), "objective must be dpo or rm"),
             (self.reward_pool in ("last", "mean"), "reward_pool must be last or mean"),

@@ -10,7 +10,8 @@ from prlhf.config import ConfigError, TrainConfig
 
 # `bench polis` flags that are TrainConfig fields, passed through to every trained method
 TRAIN_FLAGS = ("threads", "lr", "user_lr", "user_code_lr", "user_tokens", "batch_size", "grad_accum",
-               "mixed_precision", "sft_steps", "user_weight_decay", "user_init", "user_rank", "lowrank_vector_std")
+               "mixed_precision", "sft_steps", "user_weight_decay", "user_init", "user_rank", "lowrank_vector_std",
+               "user_start", "covote_rank")
 
 
 def _names(value: str | None) -> list[str] | None:

@@ -35,6 +35,7 @@ from prlhf.train.periodic_eval import PeriodicEval, load_eval_records
 from prlhf.train.reference import cached_reference_logps, reference_cache_dir
 from prlhf.train.run_start import check_run_dir, claim_run_dir, is_main_rank, train_fingerprint
 from prlhf.train.setup import build_optimizer, prepare_base
+from prlhf.users.covotes import covote_factors
 from prlhf.users.models import build_user_model
 from prlhf.users.registry import UserRegistry
 
@@ -100,11 +101,13 @@ def _train(config: TrainConfig, accelerator, mixed: str, records, eval_splits, f
     if config.disable_dropout and (n := disable_dropout(base)):
         logger.info("dropout off in %d layers of the base LM (disable_dropout)", n)
     registry = UserRegistry.from_records(records)
+    factors = covote_factors(records, registry, config.covote_rank, config.seed) \
+        if config.user_start == "covotes" else None
     user_model = build_user_model(config.user_model, len(registry), config.user_tokens, base.config.hidden_size,
                                   num_clusters=config.clusters, logit_std=config.cluster_logit_std,
                                   rank=config.user_rank, vector_std=config.lowrank_vector_std,
                                   init=config.user_init, seed=config.seed,
-                                  input_embeddings=input_embeddings_as_seen(base))
+                                  input_embeddings=input_embeddings_as_seen(base), factors=factors)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(base)
     lm = add_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules())

@@ -5,8 +5,12 @@ Index 0 is the generic user e_0, used for unseen users and trained by the (1 - a
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from prlhf.users.covotes import kmeans
 
 # Per-user tables are sparse embeddings: a step reads and updates only the rows of users in its batch (see
 # prlhf.train.optim), so its cost does not grow with the number of users.
@@ -105,11 +109,16 @@ class IndividualUserModel(UserModel):
 
     def __init__(self, num_users: int, num_tokens: int, hidden_size: int, *,
                  input_embeddings: torch.Tensor | None = None, init: str = "vocab", seed: int = 0,
-                 sparse: bool = SPARSE_USER_TABLES, **_):
+                 sparse: bool = SPARSE_USER_TABLES, factors: torch.Tensor | None = None, **_):
         super().__init__(num_users, num_tokens, hidden_size)
         g = torch.Generator().manual_seed(seed)
         self.generic = nn.Parameter(init_soft_tokens((num_tokens, hidden_size), input_embeddings, init, g))
-        offsets = init_soft_tokens((num_users + 1, num_tokens * hidden_size), input_embeddings, init, g)
+        if factors is None:
+            offsets = init_soft_tokens((num_users + 1, num_tokens * hidden_size), input_embeddings, init, g)
+        else:  # o_i = f_i B: users who vote alike start alike, each row about the size of a random one
+            r = factors.shape[1]
+            basis = init_soft_tokens((r, num_tokens * hidden_size), input_embeddings, init, g) / r ** 0.5
+            offsets = factors.float() @ basis  # (N+1, T_u*d)
         offsets[0] = 0.0  # row 0 is the generic user: no offset, and it receives no gradient (see forward)
         self.offsets = nn.Embedding(num_users + 1, num_tokens * hidden_size, _weight=offsets, sparse=sparse)
 
@@ -136,7 +145,8 @@ class ClusterUserModel(UserModel):
 
     def __init__(self, num_users: int, num_tokens: int, hidden_size: int, *, num_clusters: int = 4,
                  input_embeddings: torch.Tensor | None = None, init: str = "vocab", seed: int = 0,
-                 sparse: bool = SPARSE_USER_TABLES, logit_std: float = 0.1, **_):
+                 sparse: bool = SPARSE_USER_TABLES, logit_std: float = 0.1, factors: torch.Tensor | None = None,
+                 **_):
         super().__init__(num_users, num_tokens, hidden_size)
         self.num_clusters = num_clusters
         g = torch.Generator().manual_seed(seed)
@@ -144,8 +154,10 @@ class ClusterUserModel(UserModel):
             init_soft_tokens((num_clusters, num_tokens, hidden_size), input_embeddings, init, g))
         # Random logits break the symmetry between prototypes from the first step; small ones start every user
         # near an even mix of them.
-        self.weights = nn.Embedding(num_users + 1, num_clusters, sparse=sparse,
-                                    _weight=logit_std * torch.randn(num_users + 1, num_clusters, generator=g))
+        logits = logit_std * torch.randn(num_users + 1, num_clusters, generator=g)
+        if factors is not None and num_clusters > 1:
+            logits += covote_cluster_logits(factors, num_clusters, g)
+        self.weights = nn.Embedding(num_users + 1, num_clusters, sparse=sparse, _weight=logits)
 
     def config(self) -> dict:
         return {**super().config(), "num_clusters": self.num_clusters}
@@ -178,7 +190,8 @@ class LowRankUserModel(UserModel):
 
     def __init__(self, num_users: int, num_tokens: int, hidden_size: int, *, rank: int = 8,
                  input_embeddings: torch.Tensor | None = None, init: str = "vocab", seed: int = 0,
-                 sparse: bool = SPARSE_USER_TABLES, vector_std: float = 1.0, **_):
+                 sparse: bool = SPARSE_USER_TABLES, vector_std: float = 1.0, factors: torch.Tensor | None = None,
+                 **_):
         super().__init__(num_users, num_tokens, hidden_size)
         self.rank = rank
         g = torch.Generator().manual_seed(seed)
@@ -187,6 +200,9 @@ class LowRankUserModel(UserModel):
         up = init_soft_tokens((rank, num_tokens * hidden_size), input_embeddings, init, g) / rank ** 0.5
         self.up = nn.Parameter(up.T.contiguous())  # (T_u*d, r)
         vectors = torch.randn(num_users + 1, rank, generator=g) * vector_std
+        if factors is not None:  # the leading dimensions start at the co-vote factors, the rest as before
+            q = min(rank, factors.shape[1])
+            vectors[:, :q] = factors[:, :q].float() * vector_std
         vectors[0] = 0.0
         self.vectors = nn.Embedding(num_users + 1, rank, _weight=vectors, sparse=sparse)
 
@@ -202,6 +218,18 @@ class LowRankUserModel(UserModel):
 
     def generic_row(self) -> torch.Tensor:
         return torch.zeros(self.rank)  # v = 0 is e_0
+
+
+def covote_cluster_logits(factors: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """(N+1, r) co-vote factors -> (N+1, K) logits putting each user who has factors on their k-means cluster's
+    prototype with weight 0.9 (the rest shared evenly); users without factors, and the generic user, get 0."""
+    logits = torch.zeros(factors.shape[0], num_clusters)
+    has = factors.abs().sum(1) > 0
+    has[0] = False
+    if has.sum() >= num_clusters:
+        assign = kmeans(factors[has].float(), num_clusters, generator)
+        logits[has.nonzero().squeeze(1), assign] = math.log(0.9 * (num_clusters - 1) / 0.1)
+    return logits
 
 
 class RowsOverShared(nn.Module):
