@@ -1,9 +1,10 @@
 """`--user-start covotes`: users who judged the same responses alike start alike."""
 
+import pytest
 import torch
 
 from prlhf.data.schema import PreferenceRecord
-from prlhf.users.covotes import covote_factors, kmeans
+from prlhf.users.covotes import covote_basis, covote_factors, kmeans, rows_from_votes
 from prlhf.users.models import build_user_model
 from prlhf.users.registry import UserRegistry
 
@@ -108,3 +109,64 @@ def test_train_seeds_the_user_model_from_the_training_records(task_dir, tmp_path
     seen.clear()
     loop.train(config(task_dir, tmp_path / "plain", max_steps=1), show_progress=False)
     assert "rank" not in seen and seen["given"] is None  # the default start draws no factors
+
+
+def test_fold_in_places_a_new_voter_with_their_camp():
+    records, a, b = two_camps()
+    reg = UserRegistry.from_records(records)
+    basis = covote_basis(records, reg, rank=2)
+    own = basis.fold_in(records, a + b)  # the known users' own votes give back their factors
+    torch.testing.assert_close(own, basis.factors[reg.indices(a + b)], atol=1e-4, rtol=0)
+    newcomers = [PreferenceRecord("new_b", "topic", STATEMENTS[1], STATEMENTS[0]),
+                 PreferenceRecord("stranger", "topic", "unheard 1", "unheard 2")]
+    f = basis.fold_in(newcomers, ["new_b", "stranger", "silent"])
+    assert f[0, 0] * basis.factors[reg.index(b[0]), 0] > 0  # one vote puts them on camp b's side
+    assert torch.equal(f[1:], torch.zeros(2, 2))  # nothing shared, or nothing at all: no factor
+
+
+def test_rows_from_votes_predicts_the_row_of_the_camp_a_new_user_votes_with():
+    records, a, b = two_camps()
+    reg = UserRegistry.from_records(records)
+    basis = covote_basis(records, reg, rank=2)
+    rows = torch.zeros(len(reg) + 1, 3)  # a trained table: each camp's users share a row
+    rows[reg.indices(a)] = torch.tensor([1.0, 0.0, 2.0])
+    rows[reg.indices(b)] = torch.tensor([0.0, 1.0, -2.0])
+    newcomers = [PreferenceRecord("new_a", "topic", STATEMENTS[2], STATEMENTS[5]),
+                 PreferenceRecord("new_b", "topic", STATEMENTS[7], STATEMENTS[4]),
+                 PreferenceRecord("stranger", "topic", "unheard 1", "unheard 2")]
+    start, has = rows_from_votes(basis, reg, rows, records, newcomers, ["new_a", "new_b", "stranger"])
+    assert has.tolist() == [True, True, False]
+    torch.testing.assert_close(start[0], rows[reg.index(a[0])], atol=1e-4, rtol=0)
+    torch.testing.assert_close(start[1], rows[reg.index(b[0])], atol=1e-4, rtol=0)
+    assert torch.equal(start[2], torch.zeros(3))
+
+
+def test_adapt_starts_a_new_user_where_their_votes_point(tmp_path):
+    """`adapt --warm-start covotes --steps 0` on a run trained from the co-vote start (rows barely moved): a newcomer
+    who repeats a known user's votes starts at that user's row, one who shares nothing at the generic row."""
+    from prlhf.config import ConfigError, TrainConfig
+    from prlhf.data.tasks.common import write_jsonl
+    from prlhf.runs.directory import load_run
+    from prlhf.runs.users import read_user_table
+    from prlhf.train.adapt import adapt_users
+    from prlhf.train.loop import train
+
+    records, a, _ = two_camps(n_per_camp=4)
+    write_jsonl(tmp_path / "train.jsonl", records)
+    train(TrainConfig(data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "run"), sft_steps=0, max_steps=1,
+                      batch_size=4, user_tokens=2, threads=1, lora_dropout=0.0, user_start="covotes", user_lr=1e-9),
+          show_progress=False)
+    run, table = load_run(tmp_path / "run"), read_user_table(tmp_path / "run")
+    clone = [PreferenceRecord("clone", r.prompt, r.chosen, r.rejected) for r in records if r.user_id == a[0]]
+    newcomers = clone + [PreferenceRecord("stranger", "topic", "unheard 1", "unheard 2")]
+    with pytest.raises(ConfigError, match="--known-data"):
+        adapt_users(run, newcomers, steps=1, warm_start="covotes", show_progress=False)
+    with pytest.raises(ConfigError, match="steps 0"):
+        adapt_users(run, newcomers, steps=0, show_progress=False)
+    new_run, report = adapt_users(run, newcomers, steps=0, warm_start="covotes", known_records=records,
+                                  show_progress=False)  # steps 0: the start is the fit
+    assert report["users"]["clone"]["init"] == "covotes" and report["users"]["stranger"]["init"].startswith("generic")
+    rows = new_run.model.user_model.state_dict()["offsets.weight"]
+    reg = new_run.registry
+    torch.testing.assert_close(rows[reg.index("clone")], table.rows[table.registry.index(a[0])], atol=1e-4, rtol=0)
+    assert torch.equal(rows[reg.index("stranger")], table.rows[0]) and report["initial_loss"] is None

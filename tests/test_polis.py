@@ -268,6 +268,15 @@ def test_bench_polis_quick_writes_results(source, tmp_path, monkeypatch) -> None
         raise AssertionError("a finished method was trained again")
 
     monkeypatch.setattr(experiment, "train", no_training)
+    # the new participants' start is no method's setting: every run is taken, only they are fitted again
+    saved = out / "work" / "scores" / "new_participants.json"
+    fitted = saved.read_bytes()
+    assert main(args + ["--keep-runs", "--reuse-runs", "--new-participant-start", "covotes"]) == 0
+    warm = json.loads((out / "results.json").read_text())
+    assert warm["methods"] == first["methods"] and first["new_participants"]["start"] == "none"
+    assert warm["new_participants"]["start"] == "covotes" and 0.0 <= warm["new_participants"]["mean_start"] <= 1.0
+    assert "at the rows their votes predict" in (out / "report.md").read_text()
+    saved.write_bytes(fitted)
     assert main(args + ["--reuse-runs"]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["methods"] == first["methods"] and doc["new_participants"] == first["new_participants"]

@@ -26,7 +26,7 @@ DEFAULT_STEPS = 40
 # time; a user waits for their fit, so the server takes the shorter one (--onboard-steps).
 ONBOARD_STEPS = 20
 ADAPT_LR_FACTOR = 1.0
-WARM_STARTS = ("none", "text")
+WARM_STARTS = ("none", "text", "covotes")
 
 # The random-init tiny model needs a higher rate than a pretrained LM, and a warm-up to write at all.
 TINY_LR = 1e-3

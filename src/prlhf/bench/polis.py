@@ -89,11 +89,13 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
                     methods: Sequence[str] | None = None, epochs: float | None = None,
                     train_pairs_per_user: int | None = None, test_pairs_per_user: int | None = None,
                     adapt_users_n: int | None = None, adapt_k: int | None = None, adapt_steps: int | None = None,
-                    split: str = "test", held_out: str = "statements", keep_runs: bool = False,
-                    reuse_runs: bool = False, **train_options) -> dict:
+                    adapt_start: str = "none", split: str = "test", held_out: str = "statements",
+                    keep_runs: bool = False, reuse_runs: bool = False, **train_options) -> dict:
     """Build the task, train each method, score the held-out statements, fit new participants; writes
     results.json, report.md and accuracy.png into `out` and returns the results document.
 
+    `adapt_start`: where the new participants' rows start before fitting, `adapt_users`' warm_start ("none": the
+    generic user; "covotes": the row their votes predict from the training records).
     `conversations`: folder names under `source` (None: DEFAULT_CONVERSATIONS, or every folder with `quick`).
     `split="validation"` scores a validation split carved from the training statements instead of the test one
     (for tuning; see prlhf.data.tasks.polis). `held_out="votes"`: each participant's held-out statements are ones
@@ -158,12 +160,14 @@ def run_polis_bench(out: Path, model: str = "tiny", source: str | None = None,
                           "wall_seconds": round(time.time() - start, 1)}
                 save(work / "scores" / f"{name}.json", scored)
             if name == ADAPTED_METHOD and size.adapt_users > 0:
-                adapt_key = {**key, "size": asdict(size), "adapt_steps": adapt_steps, "seed": seed}
+                adapt_key = {**key, "size": asdict(size), "adapt_steps": adapt_steps, "seed": seed,
+                             "adapt_start": adapt_start}
                 saved = work / "scores" / "new_participants.json"
                 fitted = load_saved(saved, adapt_key) if reuse_runs else None
                 if fitted is None:
                     run = run or load_run(cfg.out, device=device)
-                    fitted = {**adapt_key, "result": fit_new_participants(run, task, size, seed, adapt_steps)}
+                    fitted = {**adapt_key, "result": fit_new_participants(run, task, size, seed, adapt_steps,
+                                                                                      adapt_start)}
                     save(saved, fitted)
                 new_participants = fitted["result"]
             margins, summary = torch.tensor(scored["margins"]), scored["summary"]
@@ -225,9 +229,11 @@ def per_conversation(accuracies: dict[str, float]) -> dict[str, float]:
     return {c: statistics.mean(v) for c, v in sorted(by_conv.items())}
 
 
-def fit_new_participants(run, task, size: PolisSize, seed: int, steps: int | None) -> dict:
+def fit_new_participants(run, task, size: PolisSize, seed: int, steps: int | None,
+                         warm_start: str = "none") -> dict:
     """Fit `size.adapt_users` unseen participants from `size.adapt_k` of their pairs on training statements each;
-    score them on their held-out pairs (before: the generic user; after: their fitted row)."""
+    score them on their held-out pairs (before: the generic user; start: where `warm_start` puts them before any
+    step; after: their fitted row)."""
     by_user = defaultdict(list)
     for r in task.extra["adapt"]:
         by_user[r.user_id].append(r)
@@ -239,12 +245,17 @@ def fit_new_participants(run, task, size: PolisSize, seed: int, steps: int | Non
         return {"n_users": 0, "k": size.adapt_k, "note": f"no unseen participant has {size.adapt_k} pairs"}
     fit = [r for u in picked for r in rng.sample(by_user[u], size.adapt_k)]
     held = [r for r in task.test if r.user_id in set(picked)]
-    kwargs = {"steps": steps} if steps else {}
+    kwargs = {"steps": steps} if steps is not None else {}
     start = time.time()
-    _, report = adapt_users(run, fit, eval_records=held, show_progress=False, **kwargs)
+    _, report = adapt_users(run, fit, eval_records=held, show_progress=False, warm_start=warm_start,
+                            known_records=task.train, **kwargs)
     return {"n_users": len(picked), "k": size.adapt_k, "n_candidates": len(candidates),
-            "n_eval_pairs": len(held), "steps": report["steps"], "lr": report["lr"],
-            "mean_before": report["mean_before"], "mean_after": report["mean_after"],
+            "n_eval_pairs": len(held), "steps": report["steps"], "lr": report["lr"], "start": warm_start,
+            "mean_before": report["mean_before"],
+            "mean_start": statistics.mean(s for u in picked if (s := report["users"][u]["start"]) is not None),
+            "mean_after": report["mean_after"],
+            "before_per_user": {u: report["users"][u]["before"] for u in picked},
+            "start_per_user": {u: report["users"][u]["start"] for u in picked},
             "after_per_user": {u: report["users"][u]["after"] for u in picked},
             "seconds": round(time.time() - start, 1), "seconds_per_user": report["seconds_per_user"]}
 
@@ -358,6 +369,13 @@ def _start_words(doc: dict) -> str:
     return f", users started from their co-votes ({doc['covote_rank']} factors; low-rank r = {doc['user_rank']})"
 
 
+def _start_of_new(new: dict) -> str:
+    """'0.790 at the rows their votes predict (before any step), ' where the new participants had a warm start."""
+    if new.get("start", "none") == "none":
+        return ""
+    return f"{new['mean_start']:.3f} at the rows their votes predict (before any step), "
+
+
 def render_report(doc: dict) -> str:
     convs = doc["data"]["per_conversation"]
     lines = [f"# Polis benchmark ({doc['model']}, split: {doc['split']})", "",
@@ -382,7 +400,8 @@ def render_report(doc: dict) -> str:
         lines += [f"New participants ({ADAPTED_METHOD} run): {new['n_users']} unseen participants fitted from "
                   f"{new['k']} pairs each on training statements ({new['steps']} steps, lr {new['lr']:g}), scored on "
                   f"their {new['n_eval_pairs']} held-out pairs: mean {new['mean_before']:.3f} with the generic user, "
-                  f"{new['mean_after']:.3f} fitted ({new['seconds_per_user']:.2f} s per participant).", ""]
+                  f"{_start_of_new(new)}{new['mean_after']:.3f} fitted ({new['seconds_per_user']:.2f} s per "
+                  "participant).", ""]
     if doc["targets"]:
         lines += ["| target | measured | 95% bootstrap interval | met |", "|---|---|---|---|"]
         for name, t in doc["targets"].items():

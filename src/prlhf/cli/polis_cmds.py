@@ -76,7 +76,8 @@ def bench_polis_arguments(args) -> dict:
                 seed=args.seed, methods=args.methods.split(",") if args.methods else None, epochs=args.epochs,
                 train_pairs_per_user=args.train_pairs_per_user, test_pairs_per_user=args.test_pairs_per_user,
                 adapt_users_n=args.new_participants, adapt_k=args.new_participant_pairs, adapt_steps=args.adapt_steps,
-                split=args.split, held_out=args.held_out, keep_runs=args.keep_runs, reuse_runs=args.reuse_runs,
+                adapt_start=args.new_participant_start, split=args.split, held_out=args.held_out,
+                keep_runs=args.keep_runs, reuse_runs=args.reuse_runs,
                 **{k: getattr(args, k) for k in TRAIN_FLAGS})
 
 
@@ -104,6 +105,9 @@ def register_bench(bsub, run_bench) -> None:
                                                          "none)")
     po.add_argument("--new-participant-pairs", type=int, help="pairs each new participant is fitted from (default 10)")
     po.add_argument("--adapt-steps", type=int, help="AdamW steps fitting the new participants (default: adapt's)")
+    po.add_argument("--new-participant-start", choices=["none", "covotes"], default="none",
+                    help="where new participants' rows start before fitting: the generic user (default), or the row "
+                         "their votes predict from the training participants' co-votes (`adapt --warm-start covotes`)")
     po.add_argument("--split", default="test", choices=["test", "validation"],
                     help="score the test statements (default) or a validation split carved from the training "
                          "statements (for tuning)")

@@ -129,7 +129,8 @@ def register(subparsers) -> None:
     a.add_argument("--data", required=True, help="preference pairs of the new users (known users are ignored)")
     a.add_argument("--out", required=True, help="new run directory to write (must not exist or be empty)")
     a.add_argument("--user", help="adapt only this user id")
-    a.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    a.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"optimizer steps (default {DEFAULT_STEPS}; 0 keeps the --warm-start rows as they are)")
     a.add_argument("--lr", type=float, default=None,
                    help=f"AdamW rate of the new rows (default: {_times(ADAPT_LR_FACTOR)}the rate the run trained its "
                         "users' rows with, i.e. its user_lr for an individual model, its user_code_lr for cluster "
@@ -138,8 +139,11 @@ def register(subparsers) -> None:
                    help="share of each new user's pairs kept out of fitting, for before/after accuracy (default 0)")
     a.add_argument("--seed", type=int, default=0, help="seed of the holdout split")
     a.add_argument("--warm-start", choices=WARM_STARTS, default="none",
-                   help="text: start from the mean embedding of known users with the same/most similar user_text")
-    a.add_argument("--known-data", metavar="TRAIN_FILE", help="the run's training data (known users' user_text)")
+                   help="text: start from the mean embedding of known users with the same/most similar "
+                        "user_text; covotes: from the row the new user's votes predict, where they judged responses "
+                        "the known users judged (users x responses co-vote factors mapped to the known users' rows)")
+    a.add_argument("--known-data", metavar="TRAIN_FILE",
+                   help="the run's training data (known users' user_text or votes), for --warm-start")
     a.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=cmd_adapt)

@@ -36,6 +36,7 @@ from prlhf.progress import bar_disabled
 from prlhf.runs.directory import LoadedRun, RunError
 from prlhf.runs.users import UserTable, extend_rows, require_personalized, table_from_module
 from prlhf.train.loop import TrainingDiverged
+from prlhf.users.covotes import covote_basis, rows_from_votes
 from prlhf.users.models import RowsOverShared, user_model_class
 from prlhf.users.registry import UserRegistry
 
@@ -95,6 +96,20 @@ def initial_rows(table: UserTable, new_ids: Sequence[str], warm_start: str, new_
             rows.append(generic.clone())
             source[uid] = "generic" if warm_start == "none" else "generic (no profile text match)"
     return torch.stack(rows), source
+
+
+def covote_start(table: UserTable, new_ids: Sequence[str], fit_records: Sequence[PreferenceRecord],
+                 known_records: Sequence[PreferenceRecord], config: TrainConfig) -> tuple[torch.Tensor, dict[str, str]]:
+    """(n, row) initial rows predicted from each new user's votes on responses the known users judged (their
+    co-vote factors, `prlhf.users.covotes.rows_from_votes`); the generic row where they share none."""
+    basis = covote_basis(known_records, table.registry, config.covote_rank, config.seed)
+    rows, has = rows_from_votes(basis, table.registry, table.rows.float(), known_records, fit_records, new_ids,
+                                config.seed)
+    generic = table.to_module().generic_row()
+    rows[~has] = generic.to(rows.dtype)
+    source = {u: "covotes" if h else "generic (no response shared with the known users)"
+              for u, h in zip(new_ids, has.tolist())}
+    return rows, source
 
 
 # --------------------------------------------------------------------------------------------------- fitting
@@ -197,13 +212,18 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
     `holdout` of each new user's pairs (seeded) is kept out of fitting and used for the before (generic
     embedding) / after (adapted) accuracy; `eval_records` gives that evaluation set explicitly instead.
     `warm_start="text"` starts each new user from the mean embedding of known users with the same (or else the
-    most similar) user_text; known users' texts come from `known_records` (their training data).
+    most similar) user_text; `"covotes"` from the row their votes predict (`covote_start`); both read the known
+    users from `known_records` (their training data).
+    `steps=0` keeps the warm start's rows as they are (a closed-form onboarding: no gradient step).
     `lr` defaults to `default_adapt_lr` of the run; `reference_guard`: see `fit_rows`.
     Returns a new LoadedRun (sharing `run`'s LM; user model and registry extended, known rows bitwise equal,
     nothing written to disk) and a report dict.
     """
-    if steps < 1 or (lr is not None and lr <= 0):
-        raise ConfigError("adapt: need steps >= 1 and lr > 0")
+    if steps < 0 or (lr is not None and lr <= 0):
+        raise ConfigError("adapt: need steps >= 0 and lr > 0")
+    if steps == 0 and warm_start == "none":
+        raise ConfigError("adapt: steps 0 keeps each new user where the warm start puts them; without one "
+                          "(--warm-start text or covotes) that is the generic user: give steps >= 1")
     if not 0.0 <= holdout < 1.0:
         raise ConfigError(f"adapt: holdout must be in [0, 1), got {holdout}")
     if warm_start not in WARM_STARTS:
@@ -216,8 +236,9 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
     except RunError as exc:
         raise RunError(f"{exc}; train an individual, cluster or lowrank run to adapt new users") from None
     lr = lr or default_adapt_lr(run.config, kind)
-    if warm_start == "text" and known_records is None:
-        raise ConfigError("adapt: --warm-start text needs the known users' profile texts (--known-data TRAIN_FILE)")
+    if warm_start != "none" and known_records is None:
+        raise ConfigError(f"adapt: --warm-start {warm_start} needs the known users' training data (--known-data "
+                          "TRAIN_FILE): their profile texts or votes")
     new_ids = sorted({r.user_id for r in records if r.user_id not in run.registry})
     if user is not None:
         if user in run.registry:
@@ -236,8 +257,13 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
     cfg, tok = run.config, run.tokenizer
     pad_id = tok.pad_token_id
     table = table_from_module(run.model.user_model, run.registry)
-    init, init_source = initial_rows(table, new_ids, warm_start, user_texts(records),
-                                     user_texts(known_records or []))
+    started = time.time()  # the warm start is part of the fit's cost (with steps 0, all of it)
+    if warm_start == "covotes":
+        init, init_source = covote_start(table, new_ids, fit_records, known_records, cfg)
+    else:
+        init, init_source = initial_rows(table, new_ids, warm_start, user_texts(records),
+                                         user_texts(known_records or []))
+    start_seconds = time.time() - started
     local = {u: i for i, u in enumerate(new_ids)}
     pairs = run.encode(fit_records)
     local_idx = torch.tensor([local[r.user_id] for r in fit_records], dtype=torch.long)
@@ -248,9 +274,10 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
     run.model.eval()
     try:
         start = time.time()
-        rows, losses = fit_rows(run.model, init, pairs, local_idx, pad_id, cfg.beta, steps, lr, batch_pairs,
-                                show_progress, user_ids=new_ids, reference_guard=reference_guard)
-        seconds = time.time() - start
+        rows, losses = (init.float(), []) if steps == 0 else \
+            fit_rows(run.model, init, pairs, local_idx, pad_id, cfg.beta, steps, lr, batch_pairs, show_progress,
+                     user_ids=new_ids, reference_guard=reference_guard)
+        seconds = time.time() - start + start_seconds
         new_table = extend_rows(table, new_ids, rows)
         model = PersonalizedLM(run.model.lm, new_table.to_module(), run.model.prefix_len).eval()
         before, start_acc, after = {}, {}, {}
@@ -271,8 +298,8 @@ def adapt_users(run: LoadedRun, records: Sequence[PreferenceRecord], *, steps: i
 
     report = {"user_model": kind, "steps": steps, "lr": lr, "holdout": holdout, "seed": seed,
               "warm_start": warm_start, "fit_seconds": round(seconds, 3),
-              "seconds_per_user": round(seconds / len(new_ids), 3), "initial_loss": losses[0],
-              "final_loss": losses[-1], "users": {}}
+              "seconds_per_user": round(seconds / len(new_ids), 3), "initial_loss": losses[0] if losses else None,
+              "final_loss": losses[-1] if losses else None, "users": {}}
     fit_counts = defaultdict(int)
     for r in fit_records:
         fit_counts[r.user_id] += 1
