@@ -165,7 +165,9 @@ def rows_from_votes(basis: CovoteBasis, registry: UserRegistry, rows: torch.Tens
         rng = random.Random(f"{seed}:covote-rows:{k}")
         sampled = [r for u in known for r in rng.sample(theirs[u], min(k, len(theirs[u])))]
         x = torch.cat([torch.ones(len(known), 1), basis.fold_in(sampled, known)], 1).double()  # (n_known, 1+rank)
-        coef = torch.linalg.lstsq(x, y).solution  # (1+rank, R)
+        # gelsd (SVD): a factor that is 0 for everyone makes x rank-deficient, and the default QR driver then
+        # returned a zero slope on some hosts
+        coef = torch.linalg.lstsq(x, y, driver="gelsd").solution  # (1+rank, R)
         idx = torch.tensor(members)
         out[idx] = (torch.cat([torch.ones(len(idx), 1), f[idx]], 1).double() @ coef).to(out.dtype)
     return out, has
